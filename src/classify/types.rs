@@ -1,0 +1,189 @@
+//! The vocabulary of a classification: classes, blamed identities, SMTP stages and codes.
+//!
+//! These types are shared by every layer (protocol answers, shaping, metrics), so they
+//! are small `Copy` values with stable snake_case names used on the wire and in JSON.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+macro_rules! named_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// Every variant, in declaration order (stable: used for metric label sets).
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The wire / JSON / label name.
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Parses the wire name; `None` for anything else.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// What a reply means for the message and the destination.
+    Class {
+        Delivered => "delivered",
+        RecipientUnknown => "recipient_unknown",
+        DomainInvalid => "domain_invalid",
+        MailboxDisabled => "mailbox_disabled",
+        MailboxFull => "mailbox_full",
+        TempFailure => "temp_failure",
+        Greylisted => "greylisted",
+        RateLimited => "rate_limited",
+        ReputationBlock => "reputation_block",
+        SpamRejected => "spam_rejected",
+        PolicyRejected => "policy_rejected",
+        AuthFailure => "auth_failure",
+        ContentRejected => "content_rejected",
+        MessageTooLarge => "message_too_large",
+        NetworkError => "network_error",
+        ProtocolError => "protocol_error",
+        RelayDenied => "relay_denied",
+        Unknown => "unknown",
+    }
+}
+
+named_enum! {
+    /// Which sending identity the receiver distrusts; throttles key on it.
+    Blamed {
+        Ip => "ip",
+        SpfDomain => "spf_domain",
+        DkimDomain => "dkim_domain",
+        FromDomain => "from_domain",
+        Recipient => "recipient",
+        Message => "message",
+        None => "none",
+    }
+}
+
+named_enum! {
+    /// The SMTP stage the reply answered, when the reply form says so.
+    SmtpStage {
+        Connect => "connect",
+        Greeting => "greeting",
+        Helo => "helo",
+        StartTls => "starttls",
+        MailFrom => "mail_from",
+        RcptTo => "rcpt_to",
+        Data => "data",
+        EndOfData => "end_of_data",
+        Quit => "quit",
+    }
+}
+
+impl Class {
+    /// The identity a class blames when no rule says otherwise.
+    pub const fn default_blamed(self) -> Blamed {
+        match self {
+            Class::RecipientUnknown
+            | Class::DomainInvalid
+            | Class::MailboxDisabled
+            | Class::MailboxFull
+            | Class::TempFailure => Blamed::Recipient,
+            Class::RateLimited | Class::ReputationBlock => Blamed::Ip,
+            Class::SpamRejected | Class::ContentRejected | Class::MessageTooLarge => Blamed::Message,
+            Class::AuthFailure => Blamed::FromDomain,
+            _ => Blamed::None,
+        }
+    }
+
+    /// Hard bounces that make an address worth suppressing.
+    pub const fn is_address_failure(self) -> bool {
+        matches!(
+            self,
+            Class::RecipientUnknown | Class::DomainInvalid | Class::MailboxDisabled
+        )
+    }
+}
+
+/// An RFC 3463 enhanced status code `class.subject.detail`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Enhanced {
+    pub class: u8,
+    pub subject: u16,
+    pub detail: u16,
+}
+
+impl Enhanced {
+    /// Parses `X.Y.Z` exactly (class 2, 4 or 5; subject and detail up to 3 digits).
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s.splitn(3, '.');
+        let class = it.next()?;
+        let subject = it.next()?;
+        let detail = it.next()?;
+        if class.len() != 1 || !matches!(class.as_bytes()[0], b'2' | b'4' | b'5') {
+            return None;
+        }
+        let num = |p: &str| -> Option<u16> {
+            if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                None
+            } else {
+                p.parse().ok()
+            }
+        };
+        Some(Enhanced {
+            class: class.as_bytes()[0] - b'0',
+            subject: num(subject)?,
+            detail: num(detail)?,
+        })
+    }
+
+    pub const fn is_permanent(self) -> bool {
+        self.class == 5
+    }
+}
+
+impl fmt::Display for Enhanced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+impl Serialize for Enhanced {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for c in Class::ALL {
+            assert_eq!(Class::parse(c.as_str()), Some(*c));
+        }
+        for b in Blamed::ALL {
+            assert_eq!(Blamed::parse(b.as_str()), Some(*b));
+        }
+        assert_eq!(Class::ALL.len(), 18);
+    }
+
+    #[test]
+    fn enhanced_parse() {
+        let e = Enhanced::parse("4.7.650").unwrap();
+        assert_eq!((e.class, e.subject, e.detail), (4, 7, 650));
+        assert_eq!(e.to_string(), "4.7.650");
+        for bad in ["", "4.7", "3.1.1", "4.7.6500", "4..1", "a.b.c", "4.7.1."] {
+            assert_eq!(Enhanced::parse(bad), None, "{bad}");
+        }
+    }
+}
