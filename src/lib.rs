@@ -2,4 +2,6 @@
 //!
 //! # Layout
 //! - [`classify`]: reply parsing and rule matching (pure).
+//! - [`config`]: the TOML configuration, its defaults and validation.
 pub mod classify;
+pub mod config;
