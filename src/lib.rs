@@ -3,5 +3,7 @@
 //! # Layout
 //! - [`classify`]: reply parsing and rule matching (pure).
 //! - [`config`]: the TOML configuration, its defaults and validation.
+//! - [`shaping`]: per-destination adaptive limits, stages, suspensions, suppressions.
 pub mod classify;
 pub mod config;
+pub mod shaping;

@@ -1,0 +1,115 @@
+//! Interned names (domains, pools, MX hosts) as compact `u32` ids with reference counts.
+//!
+//! Destinations are keyed by ids, never by a fresh `String` per request; when the last
+//! destination naming an id is evicted, the id and its string are freed for reuse, so
+//! a flood of random domains cannot grow this table without bound.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Default, Debug)]
+pub struct Interner {
+    ids: HashMap<Arc<str>, u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    name: Option<Arc<str>>,
+    refs: u32,
+}
+
+impl Interner {
+    /// The id of `name`, without creating it.
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The id of `name`, created on first use; takes one reference.
+    pub fn acquire(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            self.slots[id as usize].refs += 1;
+            return id;
+        }
+        let name: Arc<str> = Arc::from(name);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Slot {
+                    name: Some(name.clone()),
+                    refs: 1,
+                };
+                id
+            }
+            None => {
+                self.slots.push(Slot {
+                    name: Some(name.clone()),
+                    refs: 1,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.ids.insert(name, id);
+        id
+    }
+
+    /// Takes one more reference to an existing id.
+    pub fn add_ref(&mut self, id: u32) {
+        if let Some(slot) = self.slots.get_mut(id as usize) {
+            slot.refs += 1;
+        }
+    }
+
+    /// Drops one reference; the name is forgotten when none remain.
+    pub fn release(&mut self, id: u32) {
+        let slot = &mut self.slots[id as usize];
+        slot.refs = slot.refs.saturating_sub(1);
+        if slot.refs == 0 {
+            if let Some(name) = slot.name.take() {
+                self.ids.remove(&name);
+                self.free.push(id);
+            }
+        }
+    }
+
+    pub fn name(&self, id: u32) -> &str {
+        self.slots
+            .get(id as usize)
+            .and_then(|s| s.name.as_deref())
+            .unwrap_or("")
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn shrink_to_fit(&mut self) {
+        self.ids.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_reused_after_release() {
+        let mut i = Interner::default();
+        let a = i.acquire("a.example");
+        assert_eq!(i.acquire("a.example"), a);
+        let b = i.acquire("b.example");
+        assert_ne!(a, b);
+        i.release(a);
+        assert_eq!(i.get("a.example"), Some(a), "still one reference");
+        i.release(a);
+        assert_eq!(i.get("a.example"), None);
+        let c = i.acquire("c.example");
+        assert_eq!(c, a, "freed slot reused");
+        assert_eq!(i.name(c), "c.example");
+        assert_eq!(i.len(), 2);
+    }
+}
