@@ -159,6 +159,9 @@ pub struct Setup {
     transports: Vec<Vec<Vec<Arc<str>>>>,
     nexthops: Vec<Arc<str>>,
     empty: Arc<str>,
+    /// Metric label of each named site; index 0 is `other`. Leaked once per config load
+    /// (a handful of short names) so that labels never allocate per request.
+    labels: Vec<&'static str>,
     default_pool: String,
     mailbox_full: (u32, u64),
 }
@@ -186,15 +189,15 @@ fn to_params(config: &Config, provider: &str) -> Params {
 }
 
 /// Transport names for a site's tier: one per lane, or a single one.
-pub fn tier_transport_names(prefix: &str, site: Option<&str>, tier: &TierSpec) -> Vec<String> {
+pub fn tier_transport_names(prefix: &str, site: Option<&str>, tier: &str, lanes: u32) -> Vec<String> {
     let base = match site {
-        Some(s) => format!("{prefix}_{}_{}", sanitize(s), tier.name),
-        None => format!("{prefix}_{}", tier.name),
+        Some(s) => format!("{prefix}_{}_{tier}", sanitize(s)),
+        None => format!("{prefix}_{tier}"),
     };
-    if tier.lanes == 0 {
+    if lanes == 0 {
         vec![base]
     } else {
-        (0..tier.lanes).map(|l| format!("{base}_{l}")).collect()
+        (0..lanes).map(|l| format!("{base}_{l}")).collect()
     }
 }
 
@@ -242,7 +245,7 @@ impl Setup {
                 tiers
                     .iter()
                     .map(|t| {
-                        tier_transport_names(prefix, name, t)
+                        tier_transport_names(prefix, name, &t.name, t.lanes)
                             .into_iter()
                             .map(Arc::from)
                             .collect()
@@ -251,8 +254,13 @@ impl Setup {
             );
             nexthops.push(Arc::from(sites.nexthop(site)));
         }
+        let mut labels: Vec<&'static str> = vec![crate::metrics::OTHER];
+        for (_, name) in sites.names() {
+            labels.push(Box::leak(name.to_string().into_boxed_str()));
+        }
         let defaults = &config.shaping.defaults;
         Setup {
+            labels,
             default_pool: config.shaping.default_pool.clone(),
             mailbox_full: (
                 defaults.mailbox_full_limit,
@@ -267,6 +275,14 @@ impl Setup {
             transports,
             nexthops,
             empty: Arc::from(""),
+        }
+    }
+
+    /// Metric label of a site: its name when configured, else `other`.
+    pub fn label(&self, site: Site) -> &'static str {
+        match site {
+            Site::Named(n) => self.labels.get(n as usize).copied().unwrap_or(crate::metrics::OTHER),
+            _ => crate::metrics::OTHER,
         }
     }
 
@@ -538,6 +554,7 @@ impl Engine {
             defer_block: false,
         };
         let class = verdict.class;
+        crate::metrics::reply(setup.label(site), class.as_str());
 
         // Recipient-level outcomes: the suppression list, not the destination.
         if let Some(rcpt) = r.recipient {
@@ -556,6 +573,7 @@ impl Engine {
                     reply: clip_reply(r.reply),
                 };
                 if inner.suppressions.add(rcpt, entry) {
+                    crate::metrics::suppression_added();
                     decision.suppressed = true;
                     decision.durable = true;
                     tracing::info!(
@@ -696,6 +714,7 @@ impl Engine {
             .window
             .counts(self.clock.secs(), setup.params(site).window_half);
         if let Some((from, to)) = effect.stage_changed {
+            crate::metrics::stage_change(setup.label(site), to.as_str());
             let rising = to > from;
             let level = if rising {
                 tracing::Level::WARN
@@ -713,6 +732,7 @@ impl Engine {
             }
         }
         if let Some(secs) = effect.suspended_for {
+            crate::metrics::suspension(setup.label(site));
             tracing::warn!(target: "mxpace::suspension", site = %name, identity, seconds = secs,
                 rejected = counts[3], class = v.class.as_str(), reply = %clip_reply(r.reply), "destination suspended");
         }

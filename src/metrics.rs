@@ -1,0 +1,148 @@
+//! Prometheus metrics: names, labels and the exporter.
+//!
+//! Label values are bounded by construction: protocol and request kinds are fixed
+//! sets, sites are the configured providers plus `other`, classes and stages are enums.
+//! A recipient address or an arbitrary domain never becomes a label.
+
+use crate::shaping::Engine;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub const OTHER: &str = "other";
+
+/// Starts the `/metrics` HTTP endpoint on `addr` (must run inside the tokio runtime).
+pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full("mxpace_request_duration_seconds".into()),
+            &[
+                0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1,
+            ],
+        )?
+        .install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!("mxpace_replies_total", "Classified SMTP replies by site (configured provider or other) and class.");
+    describe_counter!("mxpace_decisions_total", "Answers by request kind and action.");
+    describe_counter!("mxpace_suppressions_added_total", "Recipients added to the suppression list.");
+    describe_gauge!("mxpace_suppressions", "Recipients on the suppression list.");
+    describe_gauge!("mxpace_destination_rate", "Current admitted rate of a destination, messages per second.");
+    describe_gauge!("mxpace_destination_concurrency", "Current concurrency limit of a destination.");
+    describe_gauge!("mxpace_destination_suspended", "1 while a destination is suspended.");
+    describe_gauge!("mxpace_destination_stage", "Stage of a destination: trusted=0, hesitating=1, throttled=2, rejecting=3.");
+    describe_gauge!("mxpace_other_destinations", "Destinations of unlisted sites by stage.");
+    describe_histogram!("mxpace_request_duration_seconds", Unit::Seconds, "Time to answer one request, by protocol.");
+    describe_gauge!("mxpace_open_connections", "Open client connections by protocol.");
+    describe_counter!("mxpace_protocol_errors_total", "Bad requests and connection errors by protocol and kind.");
+    describe_counter!("mxpace_config_reloads_total", "Config reloads by result (ok, error).");
+    describe_gauge!("mxpace_destinations_tracked", "Destinations (site × identity) with adaptive state.");
+    describe_counter!("mxpace_destination_evictions_total", "Destinations forgotten because idle or at capacity.");
+    describe_counter!("mxpace_stage_changes_total", "Stage changes by site and new stage.");
+    describe_counter!("mxpace_suspensions_total", "Destination suspensions by site.");
+    describe_counter!("mxpace_store_errors_total", "Failed writes to the state store.");
+}
+
+pub fn protocol_error(protocol: &'static str, kind: &'static str) {
+    counter!("mxpace_protocol_errors_total", "protocol" => protocol, "kind" => kind).increment(1);
+}
+
+pub fn request(protocol: &'static str, kind: &'static str, took: Duration) {
+    histogram!("mxpace_request_duration_seconds", "protocol" => protocol).record(took.as_secs_f64());
+    let _ = kind;
+}
+
+pub fn decision(kind: &'static str, action: &'static str) {
+    counter!("mxpace_decisions_total", "kind" => kind, "action" => action).increment(1);
+}
+
+pub fn reply(site: &'static str, class: &'static str) {
+    counter!("mxpace_replies_total", "site" => site, "class" => class).increment(1);
+}
+
+pub fn reload(ok: bool) {
+    counter!("mxpace_config_reloads_total", "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+pub fn suppression_added() {
+    counter!("mxpace_suppressions_added_total").increment(1);
+}
+
+pub fn stage_change(site: &'static str, stage: &'static str) {
+    counter!("mxpace_stage_changes_total", "site" => site, "stage" => stage).increment(1);
+}
+
+pub fn suspension(site: &'static str) {
+    counter!("mxpace_suspensions_total", "site" => site).increment(1);
+}
+
+pub fn store_error() {
+    counter!("mxpace_store_errors_total").increment(1);
+}
+
+/// Counts an open connection for as long as it lives.
+pub struct ConnectionGuard(&'static str);
+
+impl ConnectionGuard {
+    pub fn new(protocol: &'static str) -> ConnectionGuard {
+        gauge!("mxpace_open_connections", "protocol" => protocol).increment(1.0);
+        ConnectionGuard(protocol)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        gauge!("mxpace_open_connections", "protocol" => self.0).decrement(1.0);
+    }
+}
+
+/// Label sets exported last time, so that forgotten destinations are zeroed, not left stale.
+static EXPORTED: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
+/// At most this many per-destination label sets (named sites × identities).
+const MAX_DESTINATION_SERIES: usize = 2000;
+
+/// Refreshes the per-destination gauges from the engine (run periodically, off the hot path).
+pub fn export_destinations(engine: &Engine) {
+    let setup = engine.setup();
+    let views = engine.destinations();
+    let stats = engine.stats();
+    gauge!("mxpace_destinations_tracked").set(stats.destinations as f64);
+    gauge!("mxpace_suppressions").set(stats.suppressions as f64);
+    counter!("mxpace_destination_evictions_total").absolute(stats.evictions);
+    let mut other = [0u64; 4];
+    let mut now = HashSet::new();
+    for v in &views {
+        if setup.sites.named(&v.site).is_none() {
+            other[v.stage as usize] += 1;
+            continue;
+        }
+        if now.len() >= MAX_DESTINATION_SERIES {
+            continue;
+        }
+        let labels = [("site", v.site.clone()), ("identity", v.identity.clone())];
+        gauge!("mxpace_destination_rate", &labels).set(v.rate);
+        gauge!("mxpace_destination_concurrency", &labels).set(v.concurrency as f64);
+        gauge!("mxpace_destination_suspended", &labels).set(if v.suspended_until.is_some() { 1.0 } else { 0.0 });
+        gauge!("mxpace_destination_stage", &labels).set(v.stage as u8 as f64);
+        now.insert((v.site.clone(), v.identity.clone()));
+    }
+    for (i, stage) in crate::shaping::Stage::ALL.iter().enumerate() {
+        gauge!("mxpace_other_destinations", "stage" => stage.as_str()).set(other[i] as f64);
+    }
+    let mut prev = EXPORTED.lock().unwrap();
+    if let Some(prev) = prev.as_ref() {
+        for (site, identity) in prev.difference(&now) {
+            let labels = [("site", site.clone()), ("identity", identity.clone())];
+            gauge!("mxpace_destination_suspended", &labels).set(0.0);
+            gauge!("mxpace_destination_stage", &labels).set(0.0);
+        }
+    }
+    *prev = Some(now);
+}

@@ -1,0 +1,258 @@
+//! Request → answer: the one place that turns a protocol-neutral query into engine calls.
+//!
+//! Answers borrow their dynamic text from a per-connection scratch `String`, so the
+//! steady path formats into reused memory instead of allocating per request.
+
+use crate::config::Config;
+use crate::protocol::{Answer, Kind, Query, Reply};
+use crate::shaping::engine::{domain_of, Action, Admission, Decision, Hold, PolicyVerdict, ReportInput};
+use crate::shaping::{Engine, Stage};
+use crate::store::Store;
+use arc_swap::ArcSwap;
+use std::fmt::Write;
+use std::sync::Arc;
+
+/// Shared by every connection.
+pub struct Service {
+    pub engine: Arc<Engine>,
+    pub config: ArcSwap<Config>,
+    pub store: Store,
+}
+
+/// What a handled request needs after the answer is built.
+#[derive(Default)]
+pub struct Outcome {
+    /// The answer promises state that must be durable before it is sent.
+    pub durable: bool,
+}
+
+/// Formats into `scratch` and returns the written slice's range.
+fn put(scratch: &mut String, args: std::fmt::Arguments<'_>) -> std::ops::Range<usize> {
+    let start = scratch.len();
+    let _ = scratch.write_fmt(args);
+    start..scratch.len()
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for operator-facing texts.
+pub fn format_unix(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl Service {
+    pub fn new(engine: Arc<Engine>, config: Arc<Config>, store: Store) -> Service {
+        Service {
+            engine,
+            config: ArcSwap::new(config),
+            store,
+        }
+    }
+
+    /// Answers one request. Text the answer needs is formatted into `scratch`.
+    pub fn handle<'s>(&self, q: &Query<'_>, scratch: &'s mut String, out: &mut Outcome) -> Answer<'s> {
+        scratch.clear();
+        match q.kind {
+            Kind::AccessPolicy => self.access_policy(q, scratch),
+            Kind::DeliveryReport => {
+                let d = self.engine.report(&report_input(q));
+                out.durable = d.durable;
+                self.decision_answer(&d, q, scratch)
+            }
+            Kind::DestinationQuery => self.destination_query(q, scratch),
+            Kind::StatusLookup => {
+                let d = self.engine.report(&report_input(q));
+                out.durable = d.durable;
+                self.status_answer(&d, q, scratch)
+            }
+            Kind::TransportLookup => self.transport_answer(q, scratch),
+            Kind::Unknown => Answer::unknown_request(),
+        }
+    }
+
+    fn access_policy<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+        let Some(rcpt) = q.recipient.filter(|r| !r.is_empty()) else {
+            return Answer::action("DUNNO");
+        };
+        let config = self.config.load();
+        match self.engine.policy(rcpt, config.policy.enforce_suppression) {
+            PolicyVerdict::Dunno => Answer::action("DUNNO"),
+            PolicyVerdict::Suppressed(s) => {
+                let r = put(
+                    scratch,
+                    format_args!(
+                        "{} <{}>: recipient suppressed since {} after {} ({})",
+                        config.policy.suppressed_action,
+                        rcpt.trim_matches(|c| c == '<' || c == '>'),
+                        format_unix(s.since),
+                        s.class,
+                        s.reply
+                    ),
+                );
+                Answer::action(&scratch[r])
+            }
+            PolicyVerdict::Suspended { site, until } => {
+                let r = put(
+                    scratch,
+                    format_args!(
+                        "{} mxpace: deliveries to {} are suspended until {} after blocks by the receiver",
+                        config.policy.suspended_action,
+                        site,
+                        format_unix(until)
+                    ),
+                );
+                Answer::action(&scratch[r])
+            }
+        }
+    }
+
+    fn decision_answer<'s>(&self, d: &Decision, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+        let setup = self.engine.setup();
+        let provider = put(
+            scratch,
+            format_args!("{}", setup.classifier.provider_name(d.verdict.provider)),
+        );
+        let stage = d.stage.as_str();
+        let _ = q;
+        Answer {
+            reply: Reply::Action(d.action.as_str()),
+            class: Some(d.verdict.class),
+            provider: Some(&scratch[provider]),
+            blamed: Some(d.verdict.blamed),
+            stage: Some(stage),
+            retry_after: Some(d.retry_after as u64),
+            concurrency: Some(d.concurrency),
+            rate: Some(d.rate),
+        }
+    }
+
+    fn status_answer<'s>(&self, d: &Decision, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+        // Safety net: while blocked, a 5xx block reply becomes a 4xx deferral so the
+        // mail waits for the block to lift instead of bouncing. Postfix accepts 4↔5.
+        if d.defer_block && d.action != Action::Ok {
+            if let (Some(status), Some(text)) = (q.status, q.reply) {
+                if let Some(rest) = status.strip_prefix('5') {
+                    let r = put(scratch, format_args!("4{rest} {text}"));
+                    return Answer::action(&scratch[r]);
+                }
+            }
+        }
+        Answer::not_found()
+    }
+
+    fn transport_answer<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+        let Some(rcpt) = q.recipient.or(q.key) else {
+            return Answer::not_found();
+        };
+        if domain_of(rcpt).is_none() {
+            return Answer::not_found();
+        }
+        let pool = q.context.or(q.pool);
+        match self.engine.admit(rcpt, pool) {
+            Admission::Default => Answer::not_found(),
+            Admission::Route { transport, nexthop } => {
+                let r = put(scratch, format_args!("{transport}:{nexthop}"));
+                Answer::action(&scratch[r])
+            }
+            Admission::Hold { retry_after, reason } => {
+                let r = match reason {
+                    Hold::Paced { rate } => put(
+                        scratch,
+                        format_args!("retry:4.7.0 mxpace: paced at {rate} msg/s, next slot in {retry_after}s"),
+                    ),
+                    Hold::Suspended { until } => put(
+                        scratch,
+                        format_args!(
+                            "retry:4.7.0 mxpace: destination suspended until {} after blocks by the receiver",
+                            format_unix(until)
+                        ),
+                    ),
+                    Hold::Warmup { limit } => put(
+                        scratch,
+                        format_args!("retry:4.7.0 mxpace: warm-up limit of {limit} messages today reached"),
+                    ),
+                };
+                Answer::action(&scratch[r])
+            }
+        }
+    }
+
+    fn destination_query<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+        let name = q.domain.or(q.recipient).or(q.context).unwrap_or("");
+        let views = self.engine.query(name);
+        let now = self.engine.clock().unix_now();
+        let pool = q.pool.or(q.source_ip);
+        let view = views
+            .iter()
+            .find(|v| Some(v.identity.as_str()) == pool)
+            .or_else(|| views.iter().max_by_key(|v| v.stage));
+        let (rate, concurrency, stage, retry) = match view {
+            Some(v) => (
+                v.rate,
+                v.concurrency,
+                v.stage,
+                v.suspended_until.map(|u| u.saturating_sub(now)).unwrap_or(0),
+            ),
+            None => {
+                let (_, rate, conc) = self.engine.site_defaults(name);
+                (rate, conc, Stage::Trusted, 0)
+            }
+        };
+        let site = put(
+            scratch,
+            format_args!("{}", view.map(|v| v.site.as_str()).unwrap_or("")),
+        );
+        let _ = site;
+        Answer {
+            reply: Reply::Action(if retry > 0 { "suspended" } else { "ok" }),
+            class: None,
+            provider: None,
+            blamed: None,
+            stage: Some(stage.as_str()),
+            retry_after: Some(retry),
+            concurrency: Some(concurrency),
+            rate: Some(rate),
+        }
+    }
+}
+
+fn report_input<'a>(q: &Query<'a>) -> ReportInput<'a> {
+    ReportInput {
+        reply: q.reply.unwrap_or(""),
+        status: q.status,
+        recipient: q.recipient,
+        sender: q.sender,
+        mx_host: q.mx_host,
+        source_ip: q.source_ip,
+        pool: q.pool,
+        dkim_domain: None,
+        site_hint: q.context.map(|c| c.split('/').next().unwrap_or(c)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_time_format() {
+        assert_eq!(format_unix(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix(1_795_000_000), "2026-11-19 08:26:40 UTC");
+    }
+}
