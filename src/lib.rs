@@ -11,12 +11,17 @@
 //! - [`config`]: the TOML configuration, its defaults and validation.
 //! - [`store`]: state that survives restarts.
 //! - [`metrics`]: Prometheus names, labels and exporter.
+//! - [`daemon`], [`admin`], [`cli`], [`telemetry`]: process glue around the library.
 //! - [`postfix`]: the main.cf / master.cf lines that wire Postfix to the daemon.
+pub mod admin;
 pub mod classify;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod metrics;
 pub mod postfix;
 pub mod protocol;
 pub mod server;
 pub mod shaping;
 pub mod store;
+pub mod telemetry;

@@ -5,7 +5,9 @@
 //! A recipient address or an arbitrary domain never becomes a label.
 
 use crate::shaping::Engine;
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -14,40 +16,144 @@ use std::time::Duration;
 
 pub const OTHER: &str = "other";
 
-/// Starts the `/metrics` HTTP endpoint on `addr` (must run inside the tokio runtime).
-pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the recorder and serves `GET /metrics` on `addr`; returns the bound address
+/// (port 0 picks a free one). Must run inside the tokio runtime.
+pub async fn install(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("mxpace_request_duration_seconds".into()),
             &[
-                0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1,
+                0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005,
+                0.01, 0.05, 0.1,
             ],
         )?
-        .install()?;
+        .install_recorder()?;
     describe();
-    Ok(())
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(serve_scrape(stream, handle));
+        }
+    });
+    Ok(local)
+}
+
+/// A minimal HTTP/1.1 responder: enough for Prometheus, curl and promtool.
+async fn serve_scrape(
+    mut stream: tokio::net::TcpStream,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while n < buf.len() {
+            let k = stream.read(&mut buf[n..]).await?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if !matches!(read, Ok(Ok(()))) {
+        return;
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+        ("200 OK", handle.render())
+    } else {
+        ("404 Not Found", "see /metrics\n".to_string())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(resp.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 fn describe() {
-    describe_counter!("mxpace_replies_total", "Classified SMTP replies by site (configured provider or other) and class.");
-    describe_counter!("mxpace_decisions_total", "Answers by request kind and action.");
-    describe_counter!("mxpace_suppressions_added_total", "Recipients added to the suppression list.");
+    describe_counter!(
+        "mxpace_replies_total",
+        "Classified SMTP replies by site (configured provider or other) and class."
+    );
+    describe_counter!(
+        "mxpace_decisions_total",
+        "Answers by request kind and action."
+    );
+    describe_counter!(
+        "mxpace_suppressions_added_total",
+        "Recipients added to the suppression list."
+    );
     describe_gauge!("mxpace_suppressions", "Recipients on the suppression list.");
-    describe_gauge!("mxpace_destination_rate", "Current admitted rate of a destination, messages per second.");
-    describe_gauge!("mxpace_destination_concurrency", "Current concurrency limit of a destination.");
-    describe_gauge!("mxpace_destination_suspended", "1 while a destination is suspended.");
-    describe_gauge!("mxpace_destination_stage", "Stage of a destination: trusted=0, hesitating=1, throttled=2, rejecting=3.");
-    describe_gauge!("mxpace_other_destinations", "Destinations of unlisted sites by stage.");
-    describe_histogram!("mxpace_request_duration_seconds", Unit::Seconds, "Time to answer one request, by protocol.");
-    describe_gauge!("mxpace_open_connections", "Open client connections by protocol.");
-    describe_counter!("mxpace_protocol_errors_total", "Bad requests and connection errors by protocol and kind.");
-    describe_counter!("mxpace_config_reloads_total", "Config reloads by result (ok, error).");
-    describe_gauge!("mxpace_destinations_tracked", "Destinations (site × identity) with adaptive state.");
-    describe_counter!("mxpace_destination_evictions_total", "Destinations forgotten because idle or at capacity.");
-    describe_counter!("mxpace_stage_changes_total", "Stage changes by site and new stage.");
-    describe_counter!("mxpace_suspensions_total", "Destination suspensions by site.");
-    describe_counter!("mxpace_store_errors_total", "Failed writes to the state store.");
+    describe_gauge!(
+        "mxpace_destination_rate",
+        "Current admitted rate of a destination, messages per second."
+    );
+    describe_gauge!(
+        "mxpace_destination_concurrency",
+        "Current concurrency limit of a destination."
+    );
+    describe_gauge!(
+        "mxpace_destination_suspended",
+        "1 while a destination is suspended."
+    );
+    describe_gauge!(
+        "mxpace_destination_stage",
+        "Stage of a destination: trusted=0, hesitating=1, throttled=2, rejecting=3."
+    );
+    describe_gauge!(
+        "mxpace_other_destinations",
+        "Destinations of unlisted sites by stage."
+    );
+    describe_histogram!(
+        "mxpace_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer one request, by protocol."
+    );
+    describe_gauge!(
+        "mxpace_open_connections",
+        "Open client connections by protocol."
+    );
+    describe_counter!(
+        "mxpace_protocol_errors_total",
+        "Bad requests and connection errors by protocol and kind."
+    );
+    describe_counter!(
+        "mxpace_config_reloads_total",
+        "Config reloads by result (ok, error)."
+    );
+    describe_gauge!(
+        "mxpace_destinations_tracked",
+        "Destinations (site × identity) with adaptive state."
+    );
+    describe_counter!(
+        "mxpace_destination_evictions_total",
+        "Destinations forgotten because idle or at capacity."
+    );
+    describe_counter!(
+        "mxpace_stage_changes_total",
+        "Stage changes by site and new stage."
+    );
+    describe_counter!(
+        "mxpace_suspensions_total",
+        "Destination suspensions by site."
+    );
+    describe_counter!(
+        "mxpace_store_errors_total",
+        "Failed writes to the state store."
+    );
 }
 
 pub fn protocol_error(protocol: &'static str, kind: &'static str) {
@@ -55,7 +161,8 @@ pub fn protocol_error(protocol: &'static str, kind: &'static str) {
 }
 
 pub fn request(protocol: &'static str, kind: &'static str, took: Duration) {
-    histogram!("mxpace_request_duration_seconds", "protocol" => protocol).record(took.as_secs_f64());
+    histogram!("mxpace_request_duration_seconds", "protocol" => protocol)
+        .record(took.as_secs_f64());
     let _ = kind;
 }
 
@@ -68,7 +175,8 @@ pub fn reply(site: &'static str, class: &'static str) {
 }
 
 pub fn reload(ok: bool) {
-    counter!("mxpace_config_reloads_total", "result" => if ok { "ok" } else { "error" }).increment(1);
+    counter!("mxpace_config_reloads_total", "result" => if ok { "ok" } else { "error" })
+        .increment(1);
 }
 
 pub fn suppression_added() {
@@ -129,7 +237,11 @@ pub fn export_destinations(engine: &Engine) {
         let labels = [("site", v.site.clone()), ("identity", v.identity.clone())];
         gauge!("mxpace_destination_rate", &labels).set(v.rate);
         gauge!("mxpace_destination_concurrency", &labels).set(v.concurrency as f64);
-        gauge!("mxpace_destination_suspended", &labels).set(if v.suspended_until.is_some() { 1.0 } else { 0.0 });
+        gauge!("mxpace_destination_suspended", &labels).set(if v.suspended_until.is_some() {
+            1.0
+        } else {
+            0.0
+        });
         gauge!("mxpace_destination_stage", &labels).set(v.stage as u8 as f64);
         now.insert((v.site.clone(), v.identity.clone()));
     }

@@ -87,7 +87,12 @@ rewrite-nomxpace unix  -       -       n       -       -       trivial-rewrite
         let _ = writeln!(master, "\n# Tier transports of {label}.");
         let ctx_site = site.map(|(_, n)| sanitize(n)).unwrap_or_else(|| "*".into());
         for tier in &config.tiers {
-            let names = tier_transport_names(&pfx.transport_prefix, site.map(|(_, n)| n), &tier.name, tier.lanes);
+            let names = tier_transport_names(
+                &pfx.transport_prefix,
+                site.map(|(_, n)| n),
+                &tier.name,
+                tier.lanes,
+            );
             let (conc, delay) = if tier.lanes > 0 {
                 (1, "1s")
             } else {
@@ -107,7 +112,11 @@ rewrite-nomxpace unix  -       -       n       -       -       trivial-rewrite
                 "#   {}: {} msg/s, {} connection(s) per destination{}",
                 tier.name,
                 tier.rate,
-                if tier.lanes > 0 { tier.lanes } else { tier.concurrency },
+                if tier.lanes > 0 {
+                    tier.lanes
+                } else {
+                    tier.concurrency
+                },
                 if tier.lanes > 0 {
                     format!(", {} lanes of 1 msg/s", tier.lanes)
                 } else {
@@ -148,12 +157,24 @@ mod tests {
                 policy: None,
             },
         );
-        assert!(g.main_cf.contains("smtp_delivery_status_filter = socketmap:inet:127.0.0.1:4444:status\n"));
-        assert!(g.main_cf.contains("transport_maps = socketmap:inet:127.0.0.1:4444:transport\n"));
-        assert!(g.main_cf.contains("inet:127.0.0.1:10027, timeout=10s, default_action=DUNNO"));
-        assert!(g.main_cf.contains("mxp_gmail_slow_1_destination_rate_delay = 1s\n"));
-        assert!(g.main_cf.contains("mxp_gmail_fast_destination_concurrency_limit = 4\n"));
-        assert!(g.main_cf.contains("mxp_fast_destination_concurrency_limit = 4\n"));
+        assert!(g
+            .main_cf
+            .contains("smtp_delivery_status_filter = socketmap:inet:127.0.0.1:4444:status\n"));
+        assert!(g
+            .main_cf
+            .contains("transport_maps = socketmap:inet:127.0.0.1:4444:transport\n"));
+        assert!(g
+            .main_cf
+            .contains("inet:127.0.0.1:10027, timeout=10s, default_action=DUNNO"));
+        assert!(g
+            .main_cf
+            .contains("mxp_gmail_slow_1_destination_rate_delay = 1s\n"));
+        assert!(g
+            .main_cf
+            .contains("mxp_gmail_fast_destination_concurrency_limit = 4\n"));
+        assert!(g
+            .main_cf
+            .contains("mxp_fast_destination_concurrency_limit = 4\n"));
         assert!(g
             .master_cf
             .contains("mxp_gmail_slow_0 unix  -       -       n       -       -       smtp\n  -o syslog_name=postfix/mxp_gmail_slow_0\n  -o smtp_delivery_status_filter=socketmap:inet:127.0.0.1:4444:status/gmail/slow\n"));

@@ -55,6 +55,11 @@ impl Classifier {
         Classifier {}
     }
 
+    /// The built-in rules extended by operator files.
+    pub fn from_files(_paths: &[std::path::PathBuf]) -> Result<Classifier, String> {
+        Ok(Classifier {})
+    }
+
     pub fn classify(&self, _reply: &str, _hints: Hints<'_>) -> Verdict {
         Verdict {
             class: Class::Unknown,

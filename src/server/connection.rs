@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedParts};
 use tokio_util::sync::CancellationToken;
 
 /// Bytes read before giving up on recognising a protocol.
@@ -27,7 +27,11 @@ pub struct ConnConfig {
 }
 
 /// Reads until the first bytes say which protocol the client speaks.
-async fn sniff<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, cfg: &ConnConfig) -> Option<Protocol> {
+async fn sniff<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    cfg: &ConnConfig,
+) -> Option<Protocol> {
     let deadline = tokio::time::Instant::now() + cfg.idle_timeout;
     loop {
         match detect(buf) {
@@ -43,15 +47,22 @@ async fn sniff<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, cfg: &ConnC
             }
             Detected::NeedMore => {}
         }
-        let n = tokio::time::timeout_at(deadline, io.read_buf(buf)).await.ok()?.ok()?;
+        let n = tokio::time::timeout_at(deadline, io.read_buf(buf))
+            .await
+            .ok()?
+            .ok()?;
         if n == 0 {
             return None;
         }
     }
 }
 
-pub async fn serve_connection<S>(mut io: S, service: Arc<Service>, cfg: Arc<ConnConfig>, shutdown: CancellationToken)
-where
+pub async fn serve_connection<S>(
+    mut io: S,
+    service: Arc<Service>,
+    cfg: Arc<ConnConfig>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut head = BytesMut::with_capacity(4096);
@@ -75,8 +86,10 @@ where
     };
     let label = protocol.as_str();
     let _open = m::ConnectionGuard::new(label);
-    let mut framed = Framed::new(io, Codec::new(protocol, &cfg.limits));
-    framed.read_buffer_mut().extend_from_slice(&head);
+    // from_parts marks pre-read bytes as readable, so they are decoded before reading more.
+    let mut parts = FramedParts::new::<&Answer<'_>>(io, Codec::new(protocol, &cfg.limits));
+    parts.read_buf = head;
+    let mut framed = Framed::from_parts(parts);
     let mut scratch = String::with_capacity(256);
     loop {
         let timeout = if framed.read_buffer().is_empty() {
@@ -92,7 +105,10 @@ where
             Err(_) => {
                 if !framed.read_buffer().is_empty() {
                     m::protocol_error(label, "request_timeout");
-                    tracing::warn!(protocol = label, "connection closed: request not completed in time (slow client)");
+                    tracing::warn!(
+                        protocol = label,
+                        "connection closed: request not completed in time (slow client)"
+                    );
                 } else {
                     m::protocol_error(label, "idle_timeout");
                     tracing::debug!(protocol = label, "connection closed: idle");
@@ -127,7 +143,11 @@ where
                     let answer = service.handle(&query, &mut scratch, &mut outcome);
                     if matches!(query.kind, crate::protocol::Kind::Unknown) {
                         m::protocol_error(label, "unknown_request");
-                        tracing::warn!(protocol = label, request = query.name, "unknown request type");
+                        tracing::warn!(
+                            protocol = label,
+                            request = query.name,
+                            "unknown request type"
+                        );
                     }
                     if outcome.durable {
                         // Promised state (suppression, suspension) is on disk before the MTA hears of it.

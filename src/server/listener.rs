@@ -39,7 +39,9 @@ pub async fn bind(cfg: &ListenerConfig) -> anyhow::Result<BoundListener> {
     let addr = parse_listen_address(&cfg.address).map_err(anyhow::Error::msg)?;
     match addr {
         ListenAddress::Tcp(a) => {
-            let l = TcpListener::bind(a).await.with_context(|| format!("binding {a}"))?;
+            let l = TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))?;
             let local = l.local_addr()?.to_string();
             Ok(BoundListener {
                 listener: Bound::Tcp(l),
@@ -49,16 +51,26 @@ pub async fn bind(cfg: &ListenerConfig) -> anyhow::Result<BoundListener> {
         }
         ListenAddress::Unix(path) => {
             remove_stale_socket(&path)?;
-            let l = UnixListener::bind(&path).with_context(|| format!("binding unix:{}", path.display()))?;
+            let l = UnixListener::bind(&path)
+                .with_context(|| format!("binding unix:{}", path.display()))?;
             if let Some(mode) = &cfg.mode {
                 let bits = u32::from_str_radix(mode, 8).context("socket mode")?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bits))
                     .with_context(|| format!("chmod {mode} {}", path.display()))?;
             }
             if cfg.owner.is_some() || cfg.group.is_some() {
-                let uid = cfg.owner.as_deref().map(|o| lookup_id("/etc/passwd", o)).transpose()?;
-                let gid = cfg.group.as_deref().map(|g| lookup_id("/etc/group", g)).transpose()?;
-                std::os::unix::fs::chown(&path, uid, gid).with_context(|| format!("chown {}", path.display()))?;
+                let uid = cfg
+                    .owner
+                    .as_deref()
+                    .map(|o| lookup_id("/etc/passwd", o))
+                    .transpose()?;
+                let gid = cfg
+                    .group
+                    .as_deref()
+                    .map(|g| lookup_id("/etc/group", g))
+                    .transpose()?;
+                std::os::unix::fs::chown(&path, uid, gid)
+                    .with_context(|| format!("chown {}", path.display()))?;
             }
             Ok(BoundListener {
                 listener: Bound::Unix(l, path.clone()),
@@ -77,7 +89,8 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!("{} is in use by a running process", path.display());
             }
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))
         }
         Ok(_) => bail!("{} exists and is not a socket", path.display()),
         Err(_) => Ok(()),

@@ -5,7 +5,9 @@
 
 use crate::config::Config;
 use crate::protocol::{Answer, Kind, Query, Reply};
-use crate::shaping::engine::{domain_of, Action, Admission, Decision, Hold, PolicyVerdict, ReportInput};
+use crate::shaping::engine::{
+    domain_of, Action, Admission, Decision, Hold, PolicyVerdict, ReportInput,
+};
 use crate::shaping::{Engine, Stage};
 use crate::store::Store;
 use arc_swap::ArcSwap;
@@ -66,7 +68,12 @@ impl Service {
     }
 
     /// Answers one request. Text the answer needs is formatted into `scratch`.
-    pub fn handle<'s>(&self, q: &Query<'_>, scratch: &'s mut String, out: &mut Outcome) -> Answer<'s> {
+    pub fn handle<'s>(
+        &self,
+        q: &Query<'_>,
+        scratch: &'s mut String,
+        out: &mut Outcome,
+    ) -> Answer<'s> {
         scratch.clear();
         match q.kind {
             Kind::AccessPolicy => self.access_policy(q, scratch),
@@ -122,7 +129,12 @@ impl Service {
         }
     }
 
-    fn decision_answer<'s>(&self, d: &Decision, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+    fn decision_answer<'s>(
+        &self,
+        d: &Decision,
+        q: &Query<'_>,
+        scratch: &'s mut String,
+    ) -> Answer<'s> {
         let setup = self.engine.setup();
         let provider = put(
             scratch,
@@ -142,7 +154,12 @@ impl Service {
         }
     }
 
-    fn status_answer<'s>(&self, d: &Decision, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+    fn status_answer<'s>(
+        &self,
+        d: &Decision,
+        q: &Query<'_>,
+        scratch: &'s mut String,
+    ) -> Answer<'s> {
         // Safety net: while blocked, a 5xx block reply becomes a 4xx deferral so the
         // mail waits for the block to lift instead of bouncing. Postfix accepts 4↔5.
         if d.defer_block && d.action != Action::Ok {
@@ -170,7 +187,10 @@ impl Service {
                 let r = put(scratch, format_args!("{transport}:{nexthop}"));
                 Answer::action(&scratch[r])
             }
-            Admission::Hold { retry_after, reason } => {
+            Admission::Hold {
+                retry_after,
+                reason,
+            } => {
                 let r = match reason {
                     Hold::Paced { rate } => put(
                         scratch,
@@ -207,7 +227,9 @@ impl Service {
                 v.rate,
                 v.concurrency,
                 v.stage,
-                v.suspended_until.map(|u| u.saturating_sub(now)).unwrap_or(0),
+                v.suspended_until
+                    .map(|u| u.saturating_sub(now))
+                    .unwrap_or(0),
             ),
             None => {
                 let (_, rate, conc) = self.engine.site_defaults(name);

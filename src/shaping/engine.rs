@@ -122,7 +122,7 @@ pub enum PolicyVerdict {
 }
 
 /// One destination, for `ctl status`, `destination_query` and metrics.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct DestinationView {
     pub site: String,
     pub identity: String,
@@ -138,7 +138,7 @@ pub struct DestinationView {
     pub last_seen: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RecentReply {
     pub at: u64,
     pub site: String,
@@ -189,7 +189,12 @@ fn to_params(config: &Config, provider: &str) -> Params {
 }
 
 /// Transport names for a site's tier: one per lane, or a single one.
-pub fn tier_transport_names(prefix: &str, site: Option<&str>, tier: &str, lanes: u32) -> Vec<String> {
+pub fn tier_transport_names(
+    prefix: &str,
+    site: Option<&str>,
+    tier: &str,
+    lanes: u32,
+) -> Vec<String> {
     let base = match site {
         Some(s) => format!("{prefix}_{}_{tier}", sanitize(s)),
         None => format!("{prefix}_{tier}"),
@@ -281,7 +286,11 @@ impl Setup {
     /// Metric label of a site: its name when configured, else `other`.
     pub fn label(&self, site: Site) -> &'static str {
         match site {
-            Site::Named(n) => self.labels.get(n as usize).copied().unwrap_or(crate::metrics::OTHER),
+            Site::Named(n) => self
+                .labels
+                .get(n as usize)
+                .copied()
+                .unwrap_or(crate::metrics::OTHER),
             _ => crate::metrics::OTHER,
         }
     }
@@ -317,6 +326,34 @@ struct Slot {
     /// `site key << 32 | identity id`; `FREE` when the slot is unused.
     key: u64,
     state: DestState,
+    /// Changed since the last periodic flush to the store.
+    dirty: bool,
+}
+
+/// A persisted destination: names instead of ids, Unix times instead of engine time.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct DestRecord {
+    pub site: String,
+    pub identity: String,
+    pub tier: String,
+    pub ceiling: Option<String>,
+    pub stage: u8,
+    pub suspensions: u8,
+    pub streak: u16,
+    pub deferrals: u16,
+    /// Unix seconds; 0 = not suspended.
+    pub suspended_until: u64,
+    pub last_seen: u64,
+    /// Delivered, deferred, throttled, rejected over the stage window at save time.
+    pub counts: [u32; 4],
+}
+
+/// A change the store must make durable.
+#[derive(Debug)]
+pub enum Change {
+    Suppress(String, Suppression),
+    Unsuppress(String),
+    Dest(DestRecord),
 }
 
 const FREE: u64 = u64::MAX;
@@ -358,6 +395,8 @@ pub struct Engine {
     setup: ArcSwap<Setup>,
     inner: Mutex<Inner>,
     clock: EngineClock,
+    /// Where durable changes go (the store's writer), once a store is attached.
+    journal: std::sync::OnceLock<std::sync::mpsc::Sender<Change>>,
 }
 
 fn key_of(site: Site, identity: u32) -> u64 {
@@ -387,6 +426,7 @@ impl Engine {
             setup: ArcSwap::from_pointee(setup),
             inner: Mutex::new(Inner::default()),
             clock,
+            journal: std::sync::OnceLock::new(),
         }
     }
 
@@ -520,11 +560,19 @@ impl Engine {
         let state = DestState::new(setup.params(site), now);
         let slot = match inner.free.pop() {
             Some(s) => {
-                inner.slots[s as usize] = Slot { key, state };
+                inner.slots[s as usize] = Slot {
+                    key,
+                    state,
+                    dirty: true,
+                };
                 s
             }
             None => {
-                inner.slots.push(Slot { key, state });
+                inner.slots.push(Slot {
+                    key,
+                    state,
+                    dirty: true,
+                });
                 (inner.slots.len() - 1) as u32
             }
         };
@@ -572,7 +620,8 @@ impl Engine {
                     class,
                     reply: clip_reply(r.reply),
                 };
-                if inner.suppressions.add(rcpt, entry) {
+                if inner.suppressions.add(rcpt, entry.clone()) {
+                    self.journal(Change::Suppress(normalise_address(rcpt), entry));
                     crate::metrics::suppression_added();
                     decision.suppressed = true;
                     decision.durable = true;
@@ -625,6 +674,7 @@ impl Engine {
                     list.push(slot);
                 }
             }
+            inner.slots[slot as usize].dirty = true;
             let st = &mut inner.slots[slot as usize].state;
             let effect = state::apply(st, class, verdict.permanent, &setup.tiers, params, now);
             decision.tier = st.tier;
@@ -636,6 +686,13 @@ impl Engine {
                     && matches!(class, Class::ReputationBlock | Class::SpamRejected);
             }
             let st = st.clone();
+            if effect.suspended_for.is_some() {
+                self.journal(Change::Dest(self.record(
+                    setup,
+                    inner,
+                    &inner.slots[slot as usize],
+                )));
+            }
             self.log_effect(setup, inner, site, identity, &effect, &st, r, &verdict);
             Some(effect)
         } else {
@@ -1134,6 +1191,7 @@ impl Engine {
             slot.state.suspended_until = 0;
             slot.state.stage = Stage::Throttled;
         }
+        self.journal_site(&setup, inner, sk);
         let name = self.site_name(&setup, inner, site);
         tracing::info!(target: "mxpace::suspension", site = %name, destinations = n, "destination resumed by operator");
         Ok(name)
@@ -1144,12 +1202,22 @@ impl Engine {
     }
 
     pub fn suppress(&self, addr: &str, entry: Suppression) -> bool {
-        self.inner.lock().unwrap().suppressions.add(addr, entry)
+        let added = self
+            .inner
+            .lock()
+            .unwrap()
+            .suppressions
+            .add(addr, entry.clone());
+        if added {
+            self.journal(Change::Suppress(normalise_address(addr), entry));
+        }
+        added
     }
 
     pub fn unsuppress(&self, addr: &str) -> Option<Suppression> {
         let r = self.inner.lock().unwrap().suppressions.remove(addr);
         if r.is_some() {
+            self.journal(Change::Unsuppress(normalise_address(addr)));
             tracing::info!(target: "mxpace::suppression", recipient = %normalise_address(addr), "recipient unsuppressed by operator");
         }
         r
@@ -1179,6 +1247,125 @@ impl Engine {
             domains: inner.domains.len(),
             identities: inner.identities.len(),
         }
+    }
+
+    /// Attaches the store's writer; durable changes are sent there from now on.
+    pub fn attach_journal(&self, tx: std::sync::mpsc::Sender<Change>) {
+        let _ = self.journal.set(tx);
+    }
+
+    fn journal(&self, change: Change) {
+        if let Some(tx) = self.journal.get() {
+            let _ = tx.send(change);
+        }
+    }
+
+    fn journal_site(&self, setup: &Setup, inner: &Inner, site_key: u64) {
+        for slot in inner
+            .slots
+            .iter()
+            .filter(|s| s.key != FREE && s.key >> 32 == site_key)
+        {
+            self.journal(Change::Dest(self.record(setup, inner, slot)));
+        }
+    }
+
+    fn record(&self, setup: &Setup, inner: &Inner, slot: &Slot) -> DestRecord {
+        let site = Site::from_key((slot.key >> 32) as u32);
+        let st = &slot.state;
+        let tier_name = |t: u8| setup.tiers.get(t as usize).map(|t| t.name.clone());
+        DestRecord {
+            site: self.site_name(setup, inner, site),
+            identity: inner.identities.name(slot.key as u32).to_string(),
+            tier: tier_name(st.tier).unwrap_or_default(),
+            ceiling: st.ceiling().and_then(tier_name),
+            stage: st.stage as u8,
+            suspensions: st.suspensions,
+            streak: st.streak,
+            deferrals: st.deferrals,
+            suspended_until: if st.suspended_until != 0 {
+                self.clock.to_unix(st.suspended_until)
+            } else {
+                0
+            },
+            last_seen: self.clock.to_unix(st.last_seen),
+            counts: st.counts(self.clock.secs(), setup.params(site)),
+        }
+    }
+
+    /// Destinations changed since the last call (for the periodic flush).
+    pub fn take_dirty(&self) -> Vec<DestRecord> {
+        let setup = self.setup.load();
+        let mut inner = self.inner.lock().unwrap();
+        let dirty: Vec<usize> = inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.dirty && s.key != FREE)
+            .map(|(i, _)| i)
+            .collect();
+        let mut out = Vec::with_capacity(dirty.len());
+        for i in dirty {
+            out.push(self.record(&setup, &inner, &inner.slots[i]));
+            inner.slots[i].dirty = false;
+        }
+        out
+    }
+
+    /// Restores persisted destinations and suppressions (at start, before serving).
+    pub fn restore(
+        &self,
+        dests: Vec<DestRecord>,
+        suppressions: Vec<(String, Suppression)>,
+    ) -> usize {
+        let setup = self.setup.load();
+        let now = self.clock.secs();
+        let unix_now = self.clock.unix_now();
+        let idle = setup.config.shaping.idle_after.get().as_secs();
+        let mut restored = 0;
+        let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        for (addr, s) in suppressions {
+            inner.suppressions.add(&addr, s);
+        }
+        for r in dests {
+            let still_suspended = r.suspended_until > unix_now;
+            if !still_suspended && unix_now.saturating_sub(r.last_seen) > idle {
+                continue;
+            }
+            let site = match setup.sites.named(&r.site) {
+                Some(n) => Site::Named(n),
+                None if r.site.is_empty() => continue,
+                None => Site::Domain(inner.domains.acquire(&r.site.to_ascii_lowercase())),
+            };
+            let slot = self.slot_for(&setup, inner, site, &r.identity, now);
+            let params = setup.params(site);
+            let st = &mut inner.slots[slot as usize].state;
+            let tier = |n: &str| {
+                setup
+                    .tiers
+                    .iter()
+                    .position(|t| t.name == n)
+                    .map(|i| i as u8)
+            };
+            st.tier = tier(&r.tier).unwrap_or(params.start_tier);
+            st.ceiling = r.ceiling.as_deref().and_then(tier).unwrap_or(u8::MAX);
+            st.ceiling_at = now;
+            st.stage = Stage::from_u8(r.stage);
+            st.suspensions = r.suspensions;
+            st.streak = r.streak;
+            st.deferrals = r.deferrals;
+            st.suspended_until = if still_suspended {
+                self.clock.from_unix(r.suspended_until).max(1)
+            } else {
+                0
+            };
+            st.last_seen = now;
+            st.window.restore(r.counts, now, params.window_half);
+            inner.slots[slot as usize].dirty = false;
+            restored += 1;
+        }
+        restored
     }
 
     /// Periodic upkeep: evict idle destinations, let limiters forget idle keys.

@@ -5,7 +5,9 @@
 
 use serde::Serialize;
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Default)]
+#[derive(
+    Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum Stage {
@@ -77,6 +79,16 @@ impl Window {
             self.prev = self.cur;
             self.cur = [0; 4];
             self.start += half;
+        }
+    }
+
+    /// Seeds the window with counts saved earlier (they count as the previous half).
+    pub fn restore(&mut self, counts: [u32; 4], now: u32, half: u32) {
+        let half = half.max(1);
+        self.start = now - now % half;
+        self.cur = [0; 4];
+        for (p, c) in self.prev.iter_mut().zip(counts) {
+            *p = c.min(u16::MAX as u32) as u16;
         }
     }
 
