@@ -275,6 +275,6 @@ mod tests {
     #[test]
     fn unix_time_format() {
         assert_eq!(format_unix(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_unix(1_795_000_000), "2026-11-19 08:26:40 UTC");
+        assert_eq!(format_unix(1_795_000_000), "2026-11-18 11:06:40 UTC");
     }
 }
