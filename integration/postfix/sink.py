@@ -187,6 +187,12 @@ class Provider:
     def blocked(self, now: float) -> bool:
         return now < self.blocked_until
 
+    def attempt(self, now: float) -> None:
+        """A recipient the rate/block logic judged: what the sender offered, accepted or not."""
+        self.counts["attempts"] += 1
+        self._mark_first("attempt", now)
+        self.first["last_attempt"] = round(now - self.started_mono, 3)
+
     def admit(self, now: float) -> bool:
         """Take a slot in the sliding window, or record a throttled attempt."""
         p = self.params
@@ -244,6 +250,9 @@ class Provider:
             "rejected": self.counts["rejected"],
             "deferred": self.counts["deferred"],
             "greylisted": self.counts["greylisted"],
+            "attempts": self.counts["attempts"],
+            "first_attempt": self.first.get("attempt"),
+            "last_attempt": self.first.get("last_attempt"),
             "first_accept": self.first.get("accept"),
             "last_accept": self.first.get("last_accept"),
             "first_throttle": self.first.get("throttle"),
@@ -327,6 +336,7 @@ class Session:
     def rcpt_reply(self, rcpt: str) -> str:
         p = self.p.params
         now = time.monotonic()
+        self.p.attempt(now)
         if self.p.blocked(now):
             self.p.counts["blocked"] += 1
             return p["block_reply"]
