@@ -360,6 +360,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     def write_config(self) -> None:
         # mkdtemp makes the base 0700; the postfix user must reach the spool below it.
+        os.makedirs(self.base, exist_ok=True)
         os.chmod(self.base, 0o755)
         os.makedirs(self.conf_dir, exist_ok=True)
         # `postfix start` creates the queue subdirectories, but not queue_directory itself.

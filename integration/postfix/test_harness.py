@@ -8,6 +8,7 @@ behaves when a socketmap is down.
 import collections
 import os
 import re
+import time
 
 import pytest
 
@@ -132,7 +133,6 @@ def test_status_filter_keys_match_log_lines(sinks, loopback, tmp_path, sockdir):
 
 def settled_pair(mta, rec, quiet=0.5):
     """True when the smtp log lines and status queries are equal in number and stay so for `quiet` s."""
-    import time
     n = len(mta.deliveries("smtp"))
     if n != len(rec.queries("status")):
         return False
@@ -207,11 +207,48 @@ def test_transport_socketmap_sees_full_addresses_and_submission_survives_it_down
         down = [d for d in mta.deliveries() if d.to == "down1@ok.test"][0]
         assert (down.program, down.status, down.dsn) == ("error", "deferred", "4.3.0")
         # Back up: the deferred mail goes out without any help.
+        down_attempts = sum(1 for d in mta.deliveries() if d.to == "down1@ok.test")
         with RecorderProcess([f"unix:{sock}"], record, rules):
+            t_up = time.monotonic()
             assert mta.wait_until(
                 lambda: any(d.to == "down1@ok.test" and d.status == "sent" for d in mta.deliveries()), 45
             ), mta.log_tail()
+            print(f"map back up -> deferred mail sent in {time.monotonic() - t_up:.1f}s "
+                  f"({down_attempts} deferral(s) while down)")
         ok_host, ok_port = sinks.addr("ok")
         sent = [d for d in mta.deliveries() if d.to == "down1@ok.test" and d.status == "sent"][0]
         assert sent.relay == f"{ok_host}[{ok_host}]:{ok_port}"  # the map's route, not the texthash one
         assert not any(d.status == "bounced" for d in mta.deliveries())
+
+
+def test_status_filter_down_fails_open(sinks, loopback, sockdir):
+    """With nothing listening on the status filter's socket, every status stays what the remote said."""
+    sock = os.path.join(sockdir, "nobody.sock")
+    extra = f"smtp_delivery_status_filter = socketmap:unix:{sock}:status\n"
+    with pfx.Postfix(smtpd_host=loopback.addr(), routes=routes_for(sinks, loopback), main_cf_extra=extra) as mta:
+        mta.inject(["ok1@ok.test", "unknown1@ok.test", "full1@ok.test"], connections=1)
+        assert mta.wait_until(lambda: len(mta.deliveries("smtp")) >= 3, 20), mta.log_tail()
+        by_to = {d.to: (d.status, d.dsn) for d in mta.deliveries("smtp")}
+        assert by_to == {"ok1@ok.test": ("sent", "2.0.0"), "unknown1@ok.test": ("bounced", "5.1.1"),
+                         "full1@ok.test": ("deferred", "4.2.2")}
+        warnings = mta.warnings()
+        assert any("status lookup error" in w or "lookup error" in w for w in warnings), warnings
+
+
+def test_tier_transport_paces_one_destination(sinks, loopback):
+    """A tier transport (concurrency 1, rate delay 1 s) spaces deliveries; other domains are unaffected."""
+    master = "slow1 unix - - n - - smtp\n  -o syslog_name=postfix/slow1\n"
+    main = "slow1_destination_concurrency_limit = 1\nslow1_destination_rate_delay = 1s\n"
+    routes = routes_for(sinks, loopback)
+    routes["slow.test"] = "slow1:[%s]:%d" % sinks.addr("ok")
+    with pfx.Postfix(smtpd_host=loopback.addr(), routes=routes, main_cf_extra=main, master_cf_extra=master) as mta:
+        sinks.reset()
+        mta.inject([f"s{i}@slow.test" for i in range(4)] + [f"f{i}@ok.test" for i in range(4)])
+        assert mta.wait_empty(30), mta.log_tail()
+        slow = mta.deliveries(domain="slow.test")
+        assert [(d.tag, d.status) for d in slow] == [("postfix/slow1/smtp", "sent")] * 4
+        assert {(d.tag, d.status) for d in mta.deliveries(domain="ok.test")} == {("postfix/smtp", "sent")}
+        # The qmgr delay column grows by the rate delay per message: 0, ~1, ~2, ~3 s.
+        waits = sorted(float(d.delays.split("/")[1]) for d in slow)
+        print("slow1 qmgr waits:", waits)
+        assert waits[-1] > waits[0]
