@@ -98,7 +98,9 @@ impl Class {
             | Class::MailboxFull
             | Class::TempFailure => Blamed::Recipient,
             Class::RateLimited | Class::ReputationBlock => Blamed::Ip,
-            Class::SpamRejected | Class::ContentRejected | Class::MessageTooLarge => Blamed::Message,
+            Class::SpamRejected | Class::ContentRejected | Class::MessageTooLarge => {
+                Blamed::Message
+            }
             Class::AuthFailure => Blamed::FromDomain,
             _ => Blamed::None,
         }
