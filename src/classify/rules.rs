@@ -490,10 +490,7 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
         let regex = |field: &str, p: &Option<String>| -> Result<Option<Regex>, RulesError> {
             match p {
                 None => Ok(None),
-                Some(p) => RegexBuilder::new(p)
-                    .case_insensitive(true)
-                    .size_limit(1 << 20)
-                    .build()
+                Some(p) => build_regex(p)
                     .map(Some)
                     .map_err(|e| err(format!("bad regex in `{field}`: {e}"))),
             }
@@ -592,16 +589,12 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
 
     let mut tokens = Vec::with_capacity(token_defs.len());
     for (provider, source, origin, line, name) in token_defs {
-        let re = RegexBuilder::new(&source)
-            .case_insensitive(true)
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|e| RulesError::Provider {
-                origin,
-                line,
-                provider: name,
-                problem: format!("bad regex in `tokens`: {e}"),
-            })?;
+        let re = build_regex(&source).map_err(|e| RulesError::Provider {
+            origin,
+            line,
+            provider: name,
+            problem: format!("bad regex in `tokens`: {e}"),
+        })?;
         tokens.push(Token {
             provider,
             source: source.into(),
@@ -636,6 +629,50 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
         tokens,
         prefilter,
     })
+}
+
+/// Compiles a rule regex: case-insensitive, bounded in size, and with `\b` / `\B` made
+/// ASCII word boundaries. Unicode word boundaries make the fast DFA engines give up on any
+/// non-ASCII reply (falling back to a slower engine that allocates); SMTP replies are ASCII
+/// by protocol, and the few that are not gain nothing from Unicode-aware boundaries.
+pub(crate) fn build_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(&ascii_word_boundaries(pattern))
+        .case_insensitive(true)
+        .size_limit(1 << 20)
+        .build()
+}
+
+/// Rewrites `\b` and `\B` (outside character classes) as `(?-u:\b)` and `(?-u:\B)`.
+pub(crate) fn ascii_word_boundaries(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut chars = pattern.chars();
+    let mut class_depth = 0usize;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(b @ ('b' | 'B')) if class_depth == 0 => {
+                    out.push_str("(?-u:\\");
+                    out.push(b);
+                    out.push(')');
+                }
+                Some(n) => {
+                    out.push('\\');
+                    out.push(n);
+                }
+                None => out.push('\\'),
+            },
+            '[' => {
+                class_depth += 1;
+                out.push(c);
+            }
+            ']' if class_depth > 0 => {
+                class_depth -= 1;
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 fn file_name(origin: &str) -> &str {
@@ -802,6 +839,22 @@ description = "x"
         assert!(p.matches(e("4.7.28")) && p.matches(e("5.7.28")) && !p.matches(e("4.7.2")));
         assert!(EnhancedPattern::parse("5.7").is_none());
         assert!(EnhancedPattern::parse("5.7.1.1").is_none());
+    }
+
+    #[test]
+    fn word_boundaries_become_ascii() {
+        let cases = [
+            (r"\bUBE\b", r"(?-u:\b)UBE(?-u:\b)"),
+            (r"a\\b", r"a\\b"),
+            (r"[\b]x\B", r"[\b]x(?-u:\B)"),
+            (r"\[TS\d\]\b", r"\[TS\d\](?-u:\b)"),
+        ];
+        for (p, want) in cases {
+            assert_eq!(ascii_word_boundaries(p), want, "{p}");
+        }
+        let re = build_regex(r"\bUBE\b").unwrap();
+        assert!(re.is_match("rejected, ube, id=1") && !re.is_match("tube"));
+        assert!(re.is_match("größe UBE möglich"));
     }
 
     #[test]
