@@ -8,11 +8,7 @@ use std::process::ExitCode;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "mxpace",
-    version,
-    about = "Adaptive delivery pacing sidecar for MTAs"
-)]
+#[command(name = "mxpace", version, about = "Adaptive delivery pacing sidecar for MTAs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the daemon (the embedded default config when no --config is given).
     Serve(ServeArgs),
+    /// Classify SMTP replies (class, provider, blamed identity, rule).
+    Classify(mxpace::classify::cli::Args),
     /// Validate a config file without starting: exit 0, or 64 with the problems.
     CheckConfig {
         /// The config file to check.
@@ -61,6 +59,7 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Classify(args) => mxpace::classify::cli::run(args),
         Command::CheckConfig { file } => mxpace::cli::check_config(&file),
         Command::PostfixConfig(args) => mxpace::cli::postfix_config(args),
         Command::Ctl(args) => mxpace::cli::ctl(args),
@@ -82,14 +81,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            mxpace::telemetry::init(
-                &config.log.level,
-                opts.log_json || config.log.format == "json",
-            );
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            mxpace::telemetry::init(&config.log.level, opts.log_json || config.log.format == "json");
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("mxpace: cannot start the runtime: {e}");

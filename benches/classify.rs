@@ -1,0 +1,91 @@
+//! Classifier throughput over the real corpus and the seed replies, one thread.
+//!
+//! Criterion measures the batch with throughput in replies; the bench also prints a plain
+//! `classify: N replies/s, X ns/reply` line from its own timed loop, for notes and
+//! `benches/RESULTS.md`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mxpace::classify::{Classifier, Hints};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const CORPUS: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/data/corpus/dev.tsv"
+));
+const SEED: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/data/seed-replies.tsv"
+));
+
+fn replies() -> Vec<&'static str> {
+    let mut r: Vec<&str> = CORPUS
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    r.extend(
+        SEED.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split('\t').next()),
+    );
+    r
+}
+
+fn plain_figure(c: &Classifier, replies: &[&str]) {
+    // Warm the regex caches, then run whole passes for at least two seconds.
+    for r in replies {
+        black_box(c.classify(r, Hints::default()));
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        for r in replies {
+            black_box(c.classify(black_box(r), Hints::default()));
+        }
+        n += replies.len() as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "classify: {:.0} replies/s, {:.0} ns/reply ({} replies, {} distinct, one thread)",
+        n as f64 / secs,
+        secs * 1e9 / n as f64,
+        n,
+        replies.len()
+    );
+}
+
+fn bench(cr: &mut Criterion) {
+    let c = Classifier::builtin();
+    let replies = replies();
+    plain_figure(&c, &replies);
+
+    let mut g = cr.benchmark_group("classify");
+    g.throughput(Throughput::Elements(replies.len() as u64));
+    g.bench_function("corpus+seed", |b| {
+        b.iter(|| {
+            for r in &replies {
+                black_box(c.classify(black_box(r), Hints::default()));
+            }
+        })
+    });
+    let postfix: Vec<String> = replies
+        .iter()
+        .take(100)
+        .map(|r| {
+            format!("4.0.0 host mx.example.net[192.0.2.1] said: {r} (in reply to RCPT TO command)")
+        })
+        .collect();
+    g.throughput(Throughput::Elements(postfix.len() as u64));
+    g.bench_function("status-filter keys", |b| {
+        b.iter(|| {
+            for r in &postfix {
+                black_box(c.classify(black_box(r), Hints::default()));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

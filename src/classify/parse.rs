@@ -1,0 +1,827 @@
+//! Reply parsing: every shape an MTA reports a reply in → codes, text and context.
+//!
+//! Pure slicing over the input (`Parsed` borrows it); no allocation. The forms understood:
+//! raw replies (`421 4.7.28 …`, `550-5.7.1 …`, multi-line continuations joined by a space or
+//! by line breaks), Postfix log lines (`… dsn=4.7.28, status=deferred (host X[ip] said: …
+//! (in reply to end of DATA command))`), the delivery-status-filter key (`4.7.28 host …
+//! said: …`), DSN `Diagnostic-Code: smtp; …`, Exchange NDRs (`Remote Server returned '…'`),
+//! Exim / qmail / Gmail bounce wrappers, and connection-level failures that carry no reply.
+
+use super::types::{Enhanced, SmtpStage};
+
+/// Replies longer than this are parsed on their first `MAX_REPLY_LEN` bytes only: real
+/// replies are a few hundred bytes, and the bound keeps the per-reply cost bounded.
+pub const MAX_REPLY_LEN: usize = 4096;
+
+/// The outermost shape the reply arrived in (for `--explain`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Form {
+    /// `550 5.1.1 text` or text without any code.
+    #[default]
+    Raw,
+    /// A Postfix `status=…` log line.
+    PostfixLog,
+    /// The delivery-status-filter key: `X.Y.Z text`.
+    StatusKey,
+    /// A DSN `Diagnostic-Code:` field.
+    Diagnostic,
+    /// Exchange / Office 365 NDR text.
+    ExchangeNdr,
+    /// Another MTA's wrapper around the remote reply (Exim, qmail, Gmail bounce, …).
+    Wrapped,
+    /// No reply at all: connect / DNS / lost-connection failures.
+    ConnectionFailure,
+}
+
+impl Form {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Form::Raw => "raw",
+            Form::PostfixLog => "postfix_log",
+            Form::StatusKey => "status_key",
+            Form::Diagnostic => "diagnostic_code",
+            Form::ExchangeNdr => "exchange_ndr",
+            Form::Wrapped => "wrapped",
+            Form::ConnectionFailure => "connection_failure",
+        }
+    }
+}
+
+/// The parts of one reply. `text` is the reply text after its codes, without the MTA's
+/// wrapper; continuation codes of multi-line replies are still inside it (see
+/// [`strip_continuations`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Parsed<'a> {
+    pub form: Form,
+    /// Base reply code (`421`), from the reply itself.
+    pub code: Option<u16>,
+    /// Enhanced status code written in the reply itself.
+    pub enhanced: Option<Enhanced>,
+    /// Enhanced status the MTA attached (status-filter key prefix, log `dsn=`).
+    pub status: Option<Enhanced>,
+    pub text: &'a str,
+    pub mx_host: Option<&'a str>,
+    pub mx_ip: Option<&'a str>,
+    pub stage: Option<SmtpStage>,
+    pub recipient: Option<&'a str>,
+}
+
+impl Parsed<'_> {
+    /// The reply's own enhanced code, else the one the MTA attached.
+    pub fn effective_enhanced(&self) -> Option<Enhanced> {
+        self.enhanced.or(self.status)
+    }
+}
+
+/// Parses one reply in any of the supported forms.
+pub fn parse(input: &str) -> Parsed<'_> {
+    let mut s = bounded(input).trim();
+    let mut p = Parsed::default();
+
+    if let Some(inner) = postfix_log(s, &mut p) {
+        s = inner;
+    }
+    if let Some(rest) = strip_prefix_ci(s, "Diagnostic-Code:") {
+        p.form = outer(p.form, Form::Diagnostic);
+        s = rest.trim_start();
+        // `smtp; 550 …`, `X-Postfix; …`: the type is one token before the semicolon.
+        if let Some(semi) = s.find(';') {
+            if semi > 0 && semi < 16 && !s[..semi].contains(' ') {
+                s = s[semi + 1..].trim_start();
+            }
+        }
+    }
+    // Status-filter key: an enhanced code, then the text Postfix logs in parentheses.
+    if let Some((e, rest)) = leading_enhanced(s) {
+        if p.status.is_none() {
+            p.status = Some(e);
+        }
+        p.form = outer(p.form, Form::StatusKey);
+        s = rest;
+    }
+    if let Some(rest) = strip_prefix_ci(s, "delivery temporarily suspended: ") {
+        s = rest;
+    }
+    s = unwrap(s, &mut p);
+    s = strip_in_reply_to(s, &mut p);
+
+    let (code, enhanced, rest) = leading_codes(s);
+    if code.is_some() || enhanced.is_some() {
+        p.code = code;
+        p.enhanced = enhanced;
+        s = rest;
+    } else if p.form != Form::ConnectionFailure {
+        if let Some((code, enhanced, rest)) = embedded_reply(s) {
+            p.code = Some(code);
+            p.enhanced = enhanced;
+            s = rest;
+        } else if let Some(e) = qmail_status(s) {
+            p.enhanced = Some(e);
+        }
+    }
+    p.text = s.trim();
+    p
+}
+
+/// Keeps the outermost form once one is set.
+fn outer(current: Form, next: Form) -> Form {
+    if current == Form::Raw {
+        next
+    } else {
+        current
+    }
+}
+
+fn bounded(s: &str) -> &str {
+    if s.len() <= MAX_REPLY_LEN {
+        return s;
+    }
+    let mut end = MAX_REPLY_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A Postfix delivery log line: fills recipient, relay, dsn and returns the text in the
+/// parentheses after `status=…`.
+fn postfix_log<'a>(s: &'a str, p: &mut Parsed<'a>) -> Option<&'a str> {
+    let at = find_ci(s, "status=")?;
+    if at > 0 && !matches!(s.as_bytes()[at - 1], b' ' | b',') {
+        return None;
+    }
+    let head = &s[..at];
+    let after = &s[at + "status=".len()..];
+    let open = after.find('(')?;
+    let close = after.rfind(')')?;
+    if close <= open {
+        return None;
+    }
+    p.form = Form::PostfixLog;
+    if let Some(i) = head.find("to=<") {
+        let r = &head[i + 4..];
+        p.recipient = r.find('>').map(|j| &r[..j]).filter(|r| !r.is_empty());
+    }
+    if let Some(i) = head.find("relay=") {
+        let r = &head[i + 6..];
+        let r = &r[..r.find(',').unwrap_or(r.len())];
+        if r != "none" {
+            let (host, ip) = host_ip(r);
+            p.mx_host = host;
+            p.mx_ip = ip;
+        }
+    }
+    if let Some(i) = head.find("dsn=") {
+        let r = &head[i + 4..];
+        p.status = Enhanced::parse(&r[..r.find(',').unwrap_or(r.len())]);
+    }
+    Some(&after[open + 1..close])
+}
+
+/// `name[ip]` or `name[ip]:port` or `name` → (name, ip).
+fn host_ip(s: &str) -> (Option<&str>, Option<&str>) {
+    let s = s.trim();
+    match s.find('[') {
+        Some(i) => {
+            let host = s[..i].trim();
+            let rest = &s[i + 1..];
+            let ip = rest.find(']').map(|j| &rest[..j]);
+            (
+                Some(host).filter(|h| !h.is_empty()),
+                ip.filter(|i| !i.is_empty()),
+            )
+        }
+        None => (Some(s).filter(|h| !h.is_empty() && !h.contains(' ')), None),
+    }
+}
+
+/// Strips known MTA wrappers around the remote reply, recording context.
+fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
+    // Postfix smtp(8) forms.
+    if let Some(rest) = strip_prefix_ci(s, "host ") {
+        if let Some(i) = find_ci(rest, " said:") {
+            set_host(p, &rest[..i]);
+            return rest[i + 6..].trim_start();
+        }
+        if let Some(i) = find_ci(rest, " refused to talk to me:") {
+            set_host(p, &rest[..i]);
+            p.stage = Some(SmtpStage::Greeting);
+            return rest[i + " refused to talk to me:".len()..].trim_start();
+        }
+    }
+    if let Some(rest) = strip_prefix_ci(s, "connect to ") {
+        if let Some(i) = rest.find(": ") {
+            set_host(p, strip_port(&rest[..i]));
+        }
+        p.stage = Some(SmtpStage::Connect);
+        p.form = outer(p.form, Form::ConnectionFailure);
+        return s;
+    }
+    for lead in ["conversation with ", "lost connection with "] {
+        if let Some(rest) = strip_prefix_ci(s, lead) {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            set_host(p, &rest[..end]);
+            p.stage = find_ci(rest, " while ").and_then(|i| stage_of(&rest[i..]));
+            p.form = outer(p.form, Form::ConnectionFailure);
+            return s;
+        }
+    }
+    if starts_with_ci(s, "Host or domain name not found")
+        || starts_with_ci(s, "unable to look up host")
+        || starts_with_ci(s, "Name service error")
+    {
+        p.stage = Some(SmtpStage::Connect);
+        p.form = outer(p.form, Form::ConnectionFailure);
+        return s;
+    }
+    // Exchange NDR: `Remote Server returned '550 5.1.1 …'` (older: `'<host #5.0.0 smtp;550 …>'`).
+    if let Some(i) = find_ci(s, "Remote Server returned '") {
+        let inner = &s[i + "Remote Server returned '".len()..];
+        let inner = &inner[..inner.rfind('\'').unwrap_or(inner.len())];
+        p.form = outer(p.form, Form::ExchangeNdr);
+        let inner = match (inner.starts_with('<'), find_ci(inner, "smtp;")) {
+            (true, Some(j)) => inner[j + 5..].trim_end_matches('>'),
+            _ => inner,
+        };
+        return inner.trim();
+    }
+    // Exim: `[host NAME [IP] ]SMTP error from remote mail(er|server) after CMD: [host NAME [IP]: ]REPLY`.
+    if let Some(i) = find_ci(s, "SMTP error from remote mail") {
+        if let Some(h) = find_ci(&s[..i], "host ") {
+            let before = s[h + 5..i].trim();
+            let end = before.find("] ").map(|e| e + 1).unwrap_or(before.len());
+            set_host_spaced(p, &before[..end]);
+        }
+        let rest = &s[i..];
+        if let Some(a) = find_ci(rest, " after ") {
+            let cmd_and_reply = &rest[a + 7..];
+            let colon = colon_space_not_addr(cmd_and_reply);
+            let cmd = &cmd_and_reply[..colon.unwrap_or(cmd_and_reply.len())];
+            p.stage = stage_of(cmd);
+            if p.stage == Some(SmtpStage::RcptTo) {
+                p.recipient = angle(cmd);
+            }
+            p.form = outer(p.form, Form::Wrapped);
+            if let Some(c) = colon {
+                s = cmd_and_reply[c + 1..].trim_start();
+                if let Some(r) = strip_prefix_ci(s, "host ") {
+                    if let Some(j) = r.find("]: ") {
+                        set_host_spaced(p, &r[..j + 1]);
+                        s = &r[j + 3..];
+                    }
+                }
+                return s;
+            }
+        }
+    }
+    // qmail: `IP does not like recipient. Remote host said: …`.
+    if let Some(i) = find_ci(s, "Remote host said:") {
+        let head = &s[..i];
+        p.stage = if find_ci(head, "does not like recipient").is_some() {
+            Some(SmtpStage::RcptTo)
+        } else if find_ci(head, "sender was rejected").is_some() {
+            Some(SmtpStage::MailFrom)
+        } else if find_ci(head, "my name was rejected").is_some() {
+            Some(SmtpStage::Helo)
+        } else if find_ci(head, "after I sent the message").is_some() {
+            Some(SmtpStage::EndOfData)
+        } else {
+            p.stage
+        };
+        p.form = outer(p.form, Form::Wrapped);
+        return s[i + "Remote host said:".len()..].trim_start();
+    }
+    // `NAME [IP] did not like our RCPT TO:550 …`.
+    if let Some(i) = find_ci(s, " did not like our ") {
+        set_host_spaced(p, s[..i].rsplit(": ").next().unwrap_or(""));
+        let rest = &s[i + " did not like our ".len()..];
+        let colon = rest.find(':').unwrap_or(rest.len());
+        p.stage = stage_of(&rest[..colon]);
+        p.form = outer(p.form, Form::Wrapped);
+        return rest.get(colon + 1..).unwrap_or("").trim_start();
+    }
+    // Gmail's own bounce and other DSN prose: the remote text follows a fixed phrase.
+    for lead in [
+        "The error that the other server returned was:",
+        "The response from the remote server was:",
+        "The response was:",
+        "It responded as follows:",
+        "Reported error:",
+    ] {
+        if let Some(i) = find_ci(s, lead) {
+            p.form = outer(p.form, Form::Wrapped);
+            return s[i + lead.len()..].trim_start().trim_start_matches('[');
+        }
+    }
+    s
+}
+
+/// `name[ip]` (Postfix) into the context.
+fn set_host<'a>(p: &mut Parsed<'a>, s: &'a str) {
+    let (host, ip) = host_ip(s);
+    if p.mx_host.is_none() {
+        p.mx_host = host;
+    }
+    if p.mx_ip.is_none() {
+        p.mx_ip = ip;
+    }
+}
+
+/// `name [ip]` (Exim, with a space) into the context.
+fn set_host_spaced<'a>(p: &mut Parsed<'a>, s: &'a str) {
+    let s = s.trim();
+    match s.find(" [") {
+        Some(i) => {
+            let ip = &s[i + 2..];
+            let ip = &ip[..ip.find(']').unwrap_or(ip.len())];
+            if p.mx_host.is_none() && !s[..i].contains(' ') {
+                p.mx_host = Some(&s[..i]).filter(|h| !h.is_empty());
+            }
+            if p.mx_ip.is_none() {
+                p.mx_ip = Some(ip).filter(|i| !i.is_empty());
+            }
+        }
+        None => set_host(p, s),
+    }
+}
+
+fn strip_port(s: &str) -> &str {
+    match s.rfind("]:") {
+        Some(i) => &s[..i + 1],
+        None => s,
+    }
+}
+
+/// The first `: ` that ends an Exim command (not the `:` of `RCPT TO:<addr>`).
+fn colon_space_not_addr(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] == b':' && b[i + 1] == b' ' && b.get(i + 2) != Some(&b'<') {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+fn angle(s: &str) -> Option<&str> {
+    let i = s.find('<')?;
+    let r = &s[i + 1..];
+    let j = r.find('>')?;
+    Some(&r[..j]).filter(|a| !a.is_empty())
+}
+
+/// Removes Postfix's `(in reply to X command)` trailer, recording the stage.
+fn strip_in_reply_to<'a>(s: &'a str, p: &mut Parsed<'a>) -> &'a str {
+    let t = s.trim_end();
+    if !t.ends_with(')') {
+        return s;
+    }
+    if let Some(i) = rfind_ci(t, "(in reply to ") {
+        if let Some(stage) = stage_of(&t[i..]) {
+            p.stage = Some(stage);
+        }
+        return t[..i].trim_end();
+    }
+    s
+}
+
+/// The SMTP stage a command name or Postfix activity phrase refers to.
+pub fn stage_of(s: &str) -> Option<SmtpStage> {
+    // Order matters: "end of DATA" before "DATA", "MAIL FROM" before "HELO" (rare mix).
+    if find_ci(s, "end of data").is_some()
+        || find_ci(s, "final data").is_some()
+        || find_ci(s, "sending end of data").is_some()
+    {
+        return Some(SmtpStage::EndOfData);
+    }
+    if find_ci(s, "RCPT").is_some() {
+        return Some(SmtpStage::RcptTo);
+    }
+    if find_ci(s, "MAIL FROM").is_some() {
+        return Some(SmtpStage::MailFrom);
+    }
+    if find_ci(s, "initial server greeting").is_some() || find_ci(s, "initial connection").is_some()
+    {
+        return Some(SmtpStage::Greeting);
+    }
+    if find_ci(s, "HELO").is_some() || find_ci(s, "EHLO").is_some() {
+        return Some(SmtpStage::Helo);
+    }
+    if find_ci(s, "STARTTLS").is_some() || find_ci(s, "TLS negotiation").is_some() {
+        return Some(SmtpStage::StartTls);
+    }
+    if find_ci(s, "DATA").is_some() || find_ci(s, "message body").is_some() {
+        return Some(SmtpStage::Data);
+    }
+    if find_ci(s, "QUIT").is_some() {
+        return Some(SmtpStage::Quit);
+    }
+    None
+}
+
+/// `X.Y.Z ` at the start (the status-filter key) → (code, rest). The rest must be non-empty.
+fn leading_enhanced(s: &str) -> Option<(Enhanced, &str)> {
+    let end = s.find(' ')?;
+    let e = Enhanced::parse(&s[..end])?;
+    let rest = s[end + 1..].trim_start();
+    if rest.is_empty() {
+        None
+    } else {
+        Some((e, rest))
+    }
+}
+
+/// Parses `550 5.1.1 `, `550-5.7.1 `, `#550 5.2.3 `, `550: 5.1.1 `, `550 #5.1.0 `,
+/// `550-'5.7.1 ` at the start of `s`; returns what was found and the rest.
+fn leading_codes(s: &str) -> (Option<u16>, Option<Enhanced>, &str) {
+    let t = s.strip_prefix('#').unwrap_or(s);
+    let Some((code, mut rest)) = base_code(t) else {
+        return (None, None, s);
+    };
+    rest = rest.trim_start_matches([' ', '-', ':']);
+    let r = rest.trim_start_matches(['#', '\'']);
+    let end = r
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(r.len());
+    let enhanced = Enhanced::parse(&r[..end]).filter(|e| e.class as u16 == code / 100);
+    if enhanced.is_some() {
+        rest = &r[end..];
+    }
+    (Some(code), enhanced, rest.trim_start_matches([' ', '-']))
+}
+
+/// `[245]\d\d` followed by a space, `-`, `:` or the end.
+fn base_code(s: &str) -> Option<(u16, &str)> {
+    let b = s.as_bytes();
+    if b.len() < 3
+        || !matches!(b[0], b'2' | b'4' | b'5')
+        || !b[1].is_ascii_digit()
+        || !b[2].is_ascii_digit()
+    {
+        return None;
+    }
+    if b.len() > 3 && !matches!(b[3], b' ' | b'-' | b':' | b'\r' | b'\n') {
+        return None;
+    }
+    let code = (b[0] - b'0') as u16 * 100 + (b[1] - b'0') as u16 * 10 + (b[2] - b'0') as u16;
+    Some((code, &s[3..]))
+}
+
+/// A reply embedded after some prose (`User unknown: 550 Requested …`, `Remote protocol
+/// error: 550 …`): a code at a token start, after `: ` or a quote, followed by a letter or an
+/// enhanced code. Only searched in the first part of the text.
+fn embedded_reply(s: &str) -> Option<(u16, Option<Enhanced>, &str)> {
+    let b = s.as_bytes();
+    let limit = b.len().min(400);
+    let mut i = 1;
+    while i + 4 < limit {
+        if matches!(b[i], b'4' | b'5')
+            && matches!(b[i - 1], b' ' | b'\'' | b'"' | b'[' | b'(')
+            && (i < 2 || matches!(b[i - 2], b':' | b' ' | b'\'' | b'"' | b'['))
+        {
+            let (code, enhanced, rest) = leading_codes(&s[i..]);
+            if let Some(code) = code {
+                let follows_well = enhanced.is_some()
+                    || rest
+                        .as_bytes()
+                        .first()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'<');
+                let after_colon = b[..i].trim_ascii_end().ends_with(b":");
+                if follows_well && (after_colon || enhanced.is_some()) {
+                    return Some((code, enhanced, rest));
+                }
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// qmail's `(#5.1.1)` status at the end of its prose.
+fn qmail_status(s: &str) -> Option<Enhanced> {
+    let i = s.find("(#")?;
+    let r = &s[i + 2..];
+    let j = r.find(')')?;
+    Enhanced::parse(&r[..j])
+}
+
+fn code_digits(c: u16) -> [u8; 3] {
+    [
+        b'0' + (c / 100 % 10) as u8,
+        b'0' + (c / 10 % 10) as u8,
+        b'0' + (c % 10) as u8,
+    ]
+}
+
+/// Whether [`strip_continuations`] would change `text`: line breaks, or the base code
+/// repeated after a space.
+pub fn needs_strip(text: &str, code: Option<u16>) -> bool {
+    let b = text.as_bytes();
+    b.iter().any(|&c| c == b'\n' || c == b'\r')
+        || code.map(code_digits).is_some_and(|cb| {
+            b.windows(5)
+                .any(|w| w[0] == b' ' && w[1..4] == cb && matches!(w[4], b' ' | b'-'))
+        })
+}
+
+/// Rewrites multi-line replies for matching: continuation codes (`421-4.7.28`, or the same
+/// base code repeated after a line break or a joining space) and line breaks become single
+/// spaces, so a phrase split across lines still reads as one. Returns `text` itself when
+/// there is nothing to strip (the common case); otherwise writes into `buf`.
+pub fn strip_continuations<'b>(
+    text: &'b str,
+    code: Option<u16>,
+    enhanced: Option<Enhanced>,
+    buf: &'b mut [u8],
+) -> &'b str {
+    let b = text.as_bytes();
+    let code_bytes = code.map(code_digits);
+    if !needs_strip(text, code) {
+        return text;
+    }
+    let mut out = 0;
+    let mut i = 0;
+    let cap = buf.len();
+    while i < b.len() && out < cap {
+        let c = b[i];
+        let at_break = c == b' ' || c == b'\n' || c == b'\r';
+        if at_break {
+            // Collapse the whitespace run, then drop a repeated code after it.
+            let mut j = i;
+            while j < b.len() && matches!(b[j], b' ' | b'\n' | b'\r' | b'\t') {
+                j += 1;
+            }
+            if let Some(cb) = code_bytes {
+                if b.len() >= j + 4 && b[j..j + 3] == cb && matches!(b[j + 3], b' ' | b'-') {
+                    let mut k = j + 4;
+                    if let Some(e) = enhanced {
+                        let r = &text[k..];
+                        let end = r
+                            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                            .unwrap_or(r.len());
+                        if Enhanced::parse(&r[..end]) == Some(e) {
+                            k += end;
+                        }
+                    }
+                    while k < b.len() && b[k] == b' ' {
+                        k += 1;
+                    }
+                    j = k;
+                }
+            }
+            if out > 0 {
+                buf[out] = b' ';
+                out += 1;
+            }
+            i = j;
+            continue;
+        }
+        buf[out] = c;
+        out += 1;
+        i += 1;
+    }
+    // Never cut a character in half when the buffer filled up.
+    let mut end = out;
+    while end > 0 && std::str::from_utf8(&buf[..end]).is_err() {
+        end -= 1;
+    }
+    std::str::from_utf8(&buf[..end]).unwrap_or("")
+}
+
+pub(crate) fn starts_with_ci(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    if starts_with_ci(s, prefix) {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+/// ASCII case-insensitive substring search (needles are ASCII).
+pub(crate) fn find_ci(hay: &str, needle: &str) -> Option<usize> {
+    let h = hay.as_bytes();
+    let n = needle.as_bytes();
+    if n.is_empty() || h.len() < n.len() {
+        return None;
+    }
+    (0..=h.len() - n.len()).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+}
+
+fn rfind_ci(hay: &str, needle: &str) -> Option<usize> {
+    let h = hay.as_bytes();
+    let n = needle.as_bytes();
+    if n.is_empty() || h.len() < n.len() {
+        return None;
+    }
+    (0..=h.len() - n.len())
+        .rev()
+        .find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SmtpStage::*;
+
+    fn e(s: &str) -> Option<Enhanced> {
+        Enhanced::parse(s)
+    }
+
+    struct Case {
+        input: &'static str,
+        form: Form,
+        code: Option<u16>,
+        enhanced: &'static str,
+        status: &'static str,
+        text: &'static str,
+        host: Option<&'static str>,
+        ip: Option<&'static str>,
+        stage: Option<SmtpStage>,
+        rcpt: Option<&'static str>,
+    }
+
+    const NO: Case = Case {
+        input: "",
+        form: Form::Raw,
+        code: None,
+        enhanced: "",
+        status: "",
+        text: "",
+        host: None,
+        ip: None,
+        stage: None,
+        rcpt: None,
+    };
+
+    #[test]
+    fn reply_forms() {
+        let cases = [
+            Case { input: "421 4.7.28 Gmail has detected", code: Some(421), enhanced: "4.7.28", text: "Gmail has detected", ..NO },
+            Case { input: "550-5.7.1 [203.0.113.7] Our system has detected", code: Some(550), enhanced: "5.7.1", text: "[203.0.113.7] Our system has detected", ..NO },
+            Case { input: "554 Message not allowed - [TS03]", code: Some(554), text: "Message not allowed - [TS03]", ..NO },
+            Case { input: "#550 5.2.3 RESOLVER.RST.RecipSizeLimit; message too large ##", code: Some(550), enhanced: "5.2.3", text: "RESOLVER.RST.RecipSizeLimit; message too large ##", ..NO },
+            Case { input: "550: 5.1.1 <u@x.jp>... User Unknown", code: Some(550), enhanced: "5.1.1", text: "<u@x.jp>... User Unknown", ..NO },
+            Case { input: "550 #5.1.0 Address rejected x@y", code: Some(550), enhanced: "5.1.0", text: "Address rejected x@y", ..NO },
+            Case { input: "503 Improper sequence of commands", code: Some(503), text: "Improper sequence of commands", ..NO },
+            Case { input: "Over quota", text: "Over quota", ..NO },
+            Case {
+                input: "Dec  1 10:00:00 vm postfix/smtp[1]: 8593C98C123: to=<user@gmail.test>, relay=gmail-smtp-in.l.google.com[142.250.1.27]:25, delay=2.7, delays=2.7/0/0/0, dsn=4.7.28, status=deferred (host gmail-smtp-in.l.google.com[142.250.1.27] said: 421-4.7.28 Gmail has detected an unusual rate 421 4.7.28 originating from your IP address. (in reply to end of DATA command))",
+                form: Form::PostfixLog, code: Some(421), enhanced: "4.7.28", status: "4.7.28",
+                text: "Gmail has detected an unusual rate 421 4.7.28 originating from your IP address.",
+                host: Some("gmail-smtp-in.l.google.com"), ip: Some("142.250.1.27"), stage: Some(EndOfData), rcpt: Some("user@gmail.test"),
+            },
+            Case {
+                input: "postfix/smtp[11803]: 3840B98C0E2: to=<user@refused.test>, relay=none, delay=0.01, delays=0/0/0/0, dsn=4.4.1, status=deferred (connect to 127.0.0.9[127.0.0.9]:2525: Connection refused)",
+                form: Form::PostfixLog, status: "4.4.1", text: "connect to 127.0.0.9[127.0.0.9]:2525: Connection refused",
+                host: Some("127.0.0.9"), ip: Some("127.0.0.9"), stage: Some(Connect), rcpt: Some("user@refused.test"), ..NO
+            },
+            Case {
+                input: "4.7.28 host 127.0.0.2[127.0.0.2] said: 421-4.7.28 Gmail has detected an unusual rate of unsolicited email 421 4.7.28 originating from your IP address. Try again later. (in reply to RCPT TO command)",
+                form: Form::StatusKey, code: Some(421), enhanced: "4.7.28", status: "4.7.28",
+                text: "Gmail has detected an unusual rate of unsolicited email 421 4.7.28 originating from your IP address. Try again later.",
+                host: Some("127.0.0.2"), ip: Some("127.0.0.2"), stage: Some(RcptTo), ..NO
+            },
+            Case { input: "2.0.0 250 2.0.0 Ok: queued", form: Form::StatusKey, code: Some(250), enhanced: "2.0.0", status: "2.0.0", text: "Ok: queued", ..NO },
+            Case { input: "5.1.1 <shironeko@example.jp>... User Unknown", form: Form::StatusKey, status: "5.1.1", text: "<shironeko@example.jp>... User Unknown", ..NO },
+            Case {
+                input: "4.4.2 conversation with 127.0.0.4[127.0.0.4] timed out while receiving the initial server greeting",
+                form: Form::StatusKey, status: "4.4.2", text: "conversation with 127.0.0.4[127.0.0.4] timed out while receiving the initial server greeting",
+                host: Some("127.0.0.4"), ip: Some("127.0.0.4"), stage: Some(Greeting), ..NO
+            },
+            Case {
+                input: "4.3.2 host 127.0.0.3[127.0.0.3] refused to talk to me: 421 4.3.2 Service not available, closing transmission channel",
+                form: Form::StatusKey, code: Some(421), enhanced: "4.3.2", status: "4.3.2", text: "Service not available, closing transmission channel",
+                host: Some("127.0.0.3"), ip: Some("127.0.0.3"), stage: Some(Greeting), ..NO
+            },
+            Case {
+                input: "4.4.2 lost connection with 127.0.0.2[127.0.0.2] while sending RCPT TO",
+                form: Form::StatusKey, status: "4.4.2", text: "lost connection with 127.0.0.2[127.0.0.2] while sending RCPT TO",
+                host: Some("127.0.0.2"), ip: Some("127.0.0.2"), stage: Some(RcptTo), ..NO
+            },
+            Case {
+                input: "5.4.4 unable to look up host nohop.test: Name or service not known",
+                form: Form::StatusKey, status: "5.4.4", text: "unable to look up host nohop.test: Name or service not known", stage: Some(Connect), ..NO
+            },
+            Case {
+                input: "Host or domain name not found. Name service error for name=example.invalid type=MX: Host not found",
+                form: Form::ConnectionFailure, text: "Host or domain name not found. Name service error for name=example.invalid type=MX: Host not found", stage: Some(Connect), ..NO
+            },
+            Case {
+                input: "delivery temporarily suspended: lost connection with 127.0.0.6[127.0.0.6] while receiving the initial server greeting",
+                form: Form::ConnectionFailure, text: "lost connection with 127.0.0.6[127.0.0.6] while receiving the initial server greeting",
+                host: Some("127.0.0.6"), ip: Some("127.0.0.6"), stage: Some(Greeting), ..NO
+            },
+            Case { input: "Diagnostic-Code: smtp; 550 5.1.1 <u@x.org>... User unknown", form: Form::Diagnostic, code: Some(550), enhanced: "5.1.1", text: "<u@x.org>... User unknown", ..NO },
+            Case {
+                input: "Diagnostic information for administrators: k@example.com Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'",
+                form: Form::ExchangeNdr, code: Some(550), enhanced: "5.1.1", text: "RESOLVER.ADR.RecipNotFound; not found", ..NO
+            },
+            Case {
+                input: "Remote Server returned '<mx.example.com #5.0.0 smtp;550 5.1.1 User unknown>'",
+                form: Form::ExchangeNdr, code: Some(550), enhanced: "5.1.1", text: "User unknown", ..NO
+            },
+            Case {
+                input: "SMTP error from remote mail server after RCPT TO:<kijitora@example.jp>: host mx.example.jp [192.0.2.153]: 550 5.1.1 <kijitora@example.jp>... User Unknown",
+                form: Form::Wrapped, code: Some(550), enhanced: "5.1.1", text: "<kijitora@example.jp>... User Unknown",
+                host: Some("mx.example.jp"), ip: Some("192.0.2.153"), stage: Some(RcptTo), rcpt: Some("kijitora@example.jp"), ..NO
+            },
+            Case {
+                input: "host relay.example.net [192.0.2.222] SMTP error from remote mail server after initial connection: 571 No PTR Record found.",
+                form: Form::Wrapped, code: Some(571), text: "No PTR Record found.", host: Some("relay.example.net"), ip: Some("192.0.2.222"), stage: Some(Greeting), ..NO
+            },
+            Case {
+                input: "192.0.2.25 does not like recipient. Remote host said: 550 5.1.1 <u@x.net>: Recipient address rejected: User unknown.",
+                form: Form::Wrapped, code: Some(550), enhanced: "5.1.1", text: "<u@x.net>: Recipient address rejected: User unknown.", stage: Some(RcptTo), ..NO
+            },
+            Case {
+                input: "mail-inbound.example.net [192.0.2.25] did not like our RCPT TO:550 5.7.25 <b@x.net>: Reverse DNS validation failed",
+                form: Form::Wrapped, code: Some(550), enhanced: "5.7.25", text: "<b@x.net>: Reverse DNS validation failed",
+                host: Some("mail-inbound.example.net"), ip: Some("192.0.2.25"), stage: Some(RcptTo), ..NO
+            },
+            Case { input: "Sorry, no mailbox here by that name. (#5.1.1)", enhanced: "5.1.1", text: "Sorry, no mailbox here by that name. (#5.1.1)", ..NO },
+            Case { input: "User unknown: 550 Requested User Mailbox not found.", code: Some(550), text: "Requested User Mailbox not found.", ..NO },
+            Case {
+                input: "Technical details of permanent failure: Google tried to deliver your message. The error that the other server returned was: 550 5.2.2 <m@x.jp>... Mailbox Full",
+                form: Form::Wrapped, code: Some(550), enhanced: "5.2.2", text: "<m@x.jp>... Mailbox Full", ..NO
+            },
+        ];
+        for c in cases {
+            let p = parse(c.input);
+            let want = Parsed {
+                form: c.form,
+                code: c.code,
+                enhanced: e(c.enhanced),
+                status: e(c.status),
+                text: c.text,
+                mx_host: c.host,
+                mx_ip: c.ip,
+                stage: c.stage,
+                recipient: c.rcpt,
+            };
+            assert_eq!(p, want, "input: {}", c.input);
+        }
+    }
+
+    #[test]
+    fn continuations_are_stripped_for_matching() {
+        let cases = [
+            (
+                "likely 550-5.7.1 unsolicited mail.",
+                Some(550),
+                "5.7.1",
+                "likely unsolicited mail.",
+            ),
+            (
+                "email 421 4.7.28 originating from",
+                Some(421),
+                "4.7.28",
+                "email originating from",
+            ),
+            (
+                "line one\r\n550-5.7.1 line two\r\n550 5.7.1 three",
+                Some(550),
+                "5.7.1",
+                "line one line two three",
+            ),
+            (
+                "no continuation here",
+                Some(550),
+                "5.7.1",
+                "no continuation here",
+            ),
+            (
+                "blocked 550 Error - Blocked",
+                Some(550),
+                "",
+                "blocked Error - Blocked",
+            ),
+            (
+                "keeps 503 other codes",
+                Some(550),
+                "",
+                "keeps 503 other codes",
+            ),
+        ];
+        for (text, code, enh, want) in cases {
+            let mut buf = [0u8; 256];
+            assert_eq!(
+                strip_continuations(text, code, e(enh), &mut buf),
+                want,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_input_is_bounded() {
+        let long = format!("550 5.1.1 {}", "é".repeat(MAX_REPLY_LEN));
+        let p = parse(&long);
+        assert_eq!(p.code, Some(550));
+        assert!(p.text.len() <= MAX_REPLY_LEN);
+    }
+}
