@@ -386,7 +386,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             backend: "embedded".into(),
-            path: "mxpace-state.redb".into(),
+            path: "mxpace-state.db".into(),
             flush_interval: Dur::secs(2),
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_timeout: Dur::millis(50),
