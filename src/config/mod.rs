@@ -199,6 +199,8 @@ pub struct ShapingParams {
     pub decrease_factor: f64,
     /// After a throttle, climbing back above 90% of the rate that was throttled waits this long.
     pub probe_after: Dur,
+    /// Throttles this soon after a decrease answer mail admitted before it: no second decrease.
+    pub decrease_holdoff: Dur,
     pub backoff_base: Dur,
     pub backoff_max: Dur,
     /// Reputation/spam blocks within the stage window that suspend the destination.
@@ -232,6 +234,7 @@ pub struct ProviderConfig {
     pub increase_after: Option<u32>,
     pub decrease_factor: Option<f64>,
     pub probe_after: Option<Dur>,
+    pub decrease_holdoff: Option<Dur>,
     pub backoff_base: Option<Dur>,
     pub backoff_max: Option<Dur>,
     pub suspend_after: Option<u32>,
@@ -430,6 +433,7 @@ impl Default for ShapingParams {
             increase_after: 20,
             decrease_factor: 0.5,
             probe_after: Dur::secs(600),
+            decrease_holdoff: Dur::secs(5),
             backoff_base: Dur::secs(60),
             backoff_max: Dur::secs(3600),
             suspend_after: 3,
@@ -509,6 +513,7 @@ impl Config {
                 increase_after,
                 decrease_factor,
                 probe_after,
+                decrease_holdoff,
                 backoff_base,
                 backoff_max,
                 suspend_after,

@@ -177,6 +177,7 @@ fn to_params(config: &Config, provider: &str) -> Params {
         increase_after: p.increase_after,
         decrease_factor: p.decrease_factor,
         probe_after: secs(p.probe_after),
+        decrease_holdoff: secs(p.decrease_holdoff),
         backoff_base: secs(p.backoff_base),
         backoff_max: secs(p.backoff_max),
         suspend_after: p.suspend_after,
@@ -534,6 +535,20 @@ impl Engine {
         )
     }
 
+    /// Empties the destination's bucket in `tier` but for one message, so that a new or
+    /// changed tier starts at its steady rate instead of with a full burst: a burst right
+    /// after stepping up is exactly what draws a provider's 421s.
+    fn settle_bucket(setup: &Setup, slot: u32, tier: u8) {
+        if let (Some(l), Some(t)) = (
+            setup.limiters.get(tier as usize),
+            setup.tiers.get(tier as usize),
+        ) {
+            if let Some(n) = NonZeroU32::new(t.burst.saturating_sub(1)) {
+                let _ = l.check_key_n(&slot, n);
+            }
+        }
+    }
+
     /// Looks up or creates the destination slot for `(site, identity)`. For a domain
     /// site the caller holds one reference to the domain, which this consumes: it is
     /// kept by a new destination and released when the destination already existed.
@@ -558,6 +573,7 @@ impl Engine {
             self.evict_oldest(inner, setup.config.shaping.max_destinations);
         }
         let state = DestState::new(setup.params(site), now);
+        let tier = state.tier;
         let slot = match inner.free.pop() {
             Some(s) => {
                 inner.slots[s as usize] = Slot {
@@ -577,6 +593,7 @@ impl Engine {
             }
         };
         inner.index.insert(key, slot);
+        Self::settle_bucket(setup, slot, tier);
         slot
     }
 
@@ -686,6 +703,9 @@ impl Engine {
                     && matches!(class, Class::ReputationBlock | Class::SpamRejected);
             }
             let st = st.clone();
+            if let Some((_, to)) = effect.tier_changed {
+                Self::settle_bucket(setup, slot, to);
+            }
             if effect.suspended_for.is_some() {
                 self.journal(Change::Dest(self.record(
                     setup,
@@ -914,7 +934,9 @@ impl Engine {
             if st.suspended_until != 0 && !st.is_suspended(now) {
                 st.suspended_until = 0;
             }
-            state::quiet_increase(st, params, now);
+            if let Some((_, to)) = state::quiet_increase(st, params, now) {
+                Self::settle_bucket(&setup, slot, to);
+            }
             (st.tier, st.suspended_until)
         };
         if let Some(list) = inner.domain_dests.get(&site.key()) {

@@ -26,6 +26,9 @@ pub struct Params {
     pub increase_after: u32,
     pub decrease_factor: f64,
     pub probe_after: u32,
+    /// Replies to mail admitted before a decrease keep arriving after it; throttles
+    /// within this many seconds of a decrease belong to the same episode.
+    pub decrease_holdoff: u32,
     pub backoff_base: u32,
     pub backoff_max: u32,
     pub suspend_after: u32,
@@ -38,9 +41,6 @@ pub struct Params {
 }
 
 const NO_CEILING: u8 = u8::MAX;
-/// Replies to mail admitted before a decrease arrive right after it; one decrease per
-/// this many seconds keeps a burst of in-flight 421s from halving the rate to the floor.
-const DECREASE_HOLDOFF: u32 = 2;
 
 /// Adaptive state of one destination (site × sending identity). Kept compact: a
 /// million of these must fit in well under 256 bytes each, with their keys.
@@ -58,6 +58,8 @@ pub struct DestState {
     pub lane: u16,
     pub last_seen: u32,
     pub last_decrease: u32,
+    /// Last step up the ladder (engine seconds).
+    pub last_step: u32,
     pub ceiling_at: u32,
     /// Engine seconds until which the destination is suspended; 0 = not suspended.
     pub suspended_until: u32,
@@ -76,6 +78,7 @@ impl DestState {
             lane: 0,
             last_seen: now,
             last_decrease: 0,
+            last_step: now,
             ceiling_at: 0,
             suspended_until: 0,
             window: Window::default(),
@@ -149,13 +152,19 @@ pub fn apply(
             if s.ceiling != NO_CEILING && now.saturating_sub(s.ceiling_at) >= p.probe_after {
                 s.ceiling = NO_CEILING;
             }
-            if s.streak as u32 >= p.increase_after && s.tier < p.max_tier {
+            // One step per feedback delay at most: the replies to the faster rate must
+            // have a chance to arrive before the next step.
+            let settled = now.saturating_sub(s.last_step) >= p.decrease_holdoff;
+            if s.streak as u32 >= p.increase_after && s.tier < p.max_tier && settled {
                 let next = s.tier + 1;
                 let capped = s.ceiling != NO_CEILING
                     && tiers[next as usize].rate > 0.9 * tiers[s.ceiling as usize].rate;
                 if !capped {
                     e.tier_changed = Some((s.tier, next));
                     s.tier = next;
+                    s.last_step = now;
+                    // Throttles from now on answer the faster tier: a new episode.
+                    s.last_decrease = 0;
                 }
                 s.streak = 0;
             }
@@ -165,15 +174,16 @@ pub fn apply(
             s.window.record(Outcome::Throttled, now, p.window_half);
             s.streak = 0;
             s.deferrals = s.deferrals.saturating_add(1);
-            if now.saturating_sub(s.last_decrease) >= DECREASE_HOLDOFF || s.last_decrease == 0 {
+            let fresh =
+                s.last_decrease == 0 || now.saturating_sub(s.last_decrease) >= p.decrease_holdoff;
+            if fresh {
+                // A new throttling episode: the tier that drew it is the rate the provider
+                // refused. Stragglers of the same episode change nothing.
                 let to = decreased_tier(tiers, s.tier, p.decrease_factor, p.floor_tier);
-                if s.ceiling == NO_CEILING || now.saturating_sub(s.ceiling_at) >= p.probe_after {
-                    s.ceiling = s.tier;
-                } else {
-                    s.ceiling = s.ceiling.min(s.tier);
-                }
+                s.ceiling = s.tier;
                 s.ceiling_at = now;
-                s.last_decrease = now;
+                // 0 means "never"; engine time starts at 0.
+                s.last_decrease = now.max(1);
                 if to != s.tier {
                     e.tier_changed = Some((s.tier, to));
                     s.tier = to;
@@ -253,7 +263,7 @@ pub fn apply(
 /// Time-based additive increase for destinations whose deliveries are not reported
 /// individually: a quiet `probe_after` without trouble earns one step.
 pub fn quiet_increase(s: &mut DestState, p: &Params, now: u32) -> Option<(u8, u8)> {
-    let quiet_since = s.last_decrease.max(s.ceiling_at);
+    let quiet_since = s.last_decrease.max(s.ceiling_at).max(s.last_step);
     if s.tier < p.max_tier
         && s.deferrals == 0
         && !s.is_suspended(now)
@@ -261,9 +271,11 @@ pub fn quiet_increase(s: &mut DestState, p: &Params, now: u32) -> Option<(u8, u8
         && now.saturating_sub(s.last_seen) < p.probe_after
     {
         let from = s.tier;
+        // A deliberate probe one step up; the ceiling stays, so deliveries alone do
+        // not race further up before the provider has answered the probe.
         s.tier += 1;
-        s.last_decrease = now;
-        s.ceiling = NO_CEILING;
+        s.last_step = now;
+        s.last_decrease = 0;
         return Some((from, s.tier));
     }
     None
@@ -295,6 +307,7 @@ pub(crate) mod tests {
             increase_after: 3,
             decrease_factor: 0.5,
             probe_after: 600,
+            decrease_holdoff: 2,
             backoff_base: 60,
             backoff_max: 3600,
             suspend_after: 3,
@@ -337,8 +350,8 @@ pub(crate) mod tests {
         apply(&mut s, Class::RateLimited, false, &t, &p, 14);
         assert_eq!(s.tier, 2);
         // Deliveries climb back, but not above 90% of the throttled rate before probe_after.
-        for i in 0..60 {
-            apply(&mut s, Class::Delivered, false, &t, &p, 20 + i);
+        for i in 0..120 {
+            apply(&mut s, Class::Delivered, false, &t, &p, 20 + i / 2);
         }
         assert_eq!(s.tier, 3, "climbs to 5/s, the tier below the ceiling 8/s");
         assert_eq!(s.deferrals, 0);
@@ -385,6 +398,7 @@ pub(crate) mod tests {
         let p = params();
         let mut s = DestState::new(&p, 0);
         s.tier = 2;
+        s.last_step = 0;
         s.last_seen = 900;
         assert_eq!(quiet_increase(&mut s, &p, 900), Some((2, 3)));
         assert_eq!(
