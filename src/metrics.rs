@@ -84,6 +84,16 @@ async fn serve_scrape(
 }
 
 fn describe() {
+    // Series with fixed labels exist from the start, so alerts see 0 rather than nothing.
+    for result in ["ok", "error"] {
+        counter!("mxpace_config_reloads_total", "result" => result).absolute(0);
+    }
+    counter!("mxpace_store_errors_total").absolute(0);
+    counter!("mxpace_suppressions_added_total").absolute(0);
+    describe_counter!(
+        "mxpace_outcomes_total",
+        "Replies by site and outcome: delivered, deferred (4xx or no reply) or rejected (5xx)."
+    );
     describe_counter!(
         "mxpace_replies_total",
         "Classified SMTP replies by site (configured provider or other) and class."
@@ -170,8 +180,9 @@ pub fn decision(kind: &'static str, action: &'static str) {
     counter!("mxpace_decisions_total", "kind" => kind, "action" => action).increment(1);
 }
 
-pub fn reply(site: &'static str, class: &'static str) {
+pub fn reply(site: &'static str, class: &'static str, outcome: &'static str) {
     counter!("mxpace_replies_total", "site" => site, "class" => class).increment(1);
+    counter!("mxpace_outcomes_total", "site" => site, "outcome" => outcome).increment(1);
 }
 
 pub fn reload(ok: bool) {

@@ -4,6 +4,7 @@
 //! steady path formats into reused memory instead of allocating per request.
 
 use crate::config::Config;
+use crate::metrics as m;
 use crate::protocol::{Answer, Kind, Query, Reply};
 use crate::shaping::engine::{
     domain_of, Action, Admission, Decision, Hold, PolicyVerdict, ReportInput,
@@ -99,8 +100,12 @@ impl Service {
         };
         let config = self.config.load();
         match self.engine.policy(rcpt, config.policy.enforce_suppression) {
-            PolicyVerdict::Dunno => Answer::action("DUNNO"),
+            PolicyVerdict::Dunno => {
+                m::decision("smtpd_access_policy", "dunno");
+                Answer::action("DUNNO")
+            }
             PolicyVerdict::Suppressed(s) => {
+                m::decision("smtpd_access_policy", "suppressed");
                 let r = put(
                     scratch,
                     format_args!(
@@ -115,6 +120,7 @@ impl Service {
                 Answer::action(&scratch[r])
             }
             PolicyVerdict::Suspended { site, until } => {
+                m::decision("smtpd_access_policy", "suspended");
                 let r = put(
                     scratch,
                     format_args!(
@@ -142,6 +148,7 @@ impl Service {
         );
         let stage = d.stage.as_str();
         let _ = q;
+        m::decision("delivery_report", d.action.as_str());
         Answer {
             reply: Reply::Action(d.action.as_str()),
             class: Some(d.verdict.class),
@@ -165,11 +172,13 @@ impl Service {
         if d.defer_block && d.action != Action::Ok {
             if let (Some(status), Some(text)) = (q.status, q.reply) {
                 if let Some(rest) = status.strip_prefix('5') {
+                    m::decision("status", "deferred_block");
                     let r = put(scratch, format_args!("4{rest} {text}"));
                     return Answer::action(&scratch[r]);
                 }
             }
         }
+        m::decision("status", d.action.as_str());
         Answer::not_found()
     }
 
@@ -182,8 +191,12 @@ impl Service {
         }
         let pool = q.context.or(q.pool);
         match self.engine.admit(rcpt, pool) {
-            Admission::Default => Answer::not_found(),
+            Admission::Default => {
+                m::decision("transport", "default");
+                Answer::not_found()
+            }
             Admission::Route { transport, nexthop } => {
+                m::decision("transport", "route");
                 let r = put(scratch, format_args!("{transport}:{nexthop}"));
                 Answer::action(&scratch[r])
             }

@@ -619,7 +619,12 @@ impl Engine {
             defer_block: false,
         };
         let class = verdict.class;
-        crate::metrics::reply(setup.label(site), class.as_str());
+        let outcome = match (class, verdict.permanent) {
+            (Class::Delivered, _) => "delivered",
+            (_, true) => "rejected",
+            (_, false) => "deferred",
+        };
+        crate::metrics::reply(setup.label(site), class.as_str(), outcome);
 
         // Recipient-level outcomes: the suppression list, not the destination.
         if let Some(rcpt) = r.recipient {
