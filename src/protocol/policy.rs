@@ -400,7 +400,7 @@ fn put_attr(dst: &mut BytesMut, name: &str, value: &str) {
 
 /// Messages per second with at most three decimals and no trailing zeros (`0.5`, `12`).
 /// Integer arithmetic: float formatting with a precision takes a slow exact path.
-pub(crate) fn put_rate(dst: &mut BytesMut, rate: f64) {
+fn put_rate(dst: &mut BytesMut, rate: f64) {
     // Rates are small; the clamp only keeps the cast defined.
     let milli = (rate.abs() * 1000.0).round().min(1e15) as u64;
     if rate < 0.0 && milli > 0 {
