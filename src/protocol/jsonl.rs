@@ -166,7 +166,7 @@ impl Decoder for JsonCodec {
 
     fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Option<Self::Item>> {
         loop {
-            let Some(i) = buf[self.scanned..].iter().position(|&b| b == b'\n') else {
+            let Some(i) = memchr::memchr(b'\n', &buf[self.scanned..]) else {
                 if self.discarding {
                     buf.clear();
                     self.scanned = 0;

@@ -528,6 +528,79 @@ mod tests {
         }
     }
 
+    /// The codecs as a connection uses them: split reads and EOF through `Framed`,
+    /// answers written through the `Sink`.
+    #[tokio::test]
+    async fn framed_over_a_stream() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_util::codec::Framed;
+
+        let cases: &[(Protocol, &[u8], &[u8])] = &[
+            (
+                Protocol::Policy,
+                b"request=smtpd_access_policy\nrecipient=a@b.test\n\nbad\n\nrequest=delivery_report\nreply=4",
+                b"action=DUNNO\n\naction=DUNNO\n\naction=DUNNO\n\n",
+            ),
+            (
+                Protocol::Socketmap,
+                b"11:transport *,7:status ,x:",
+                b"9:NOTFOUND ,9:NOTFOUND ,25:PERM bad netstring length,",
+            ),
+            (
+                Protocol::JsonLines,
+                b"{\"request\":\"delivery_report\"}\n{\"request\":\"x\"}\n{",
+                b"{\"action\":\"DUNNO\"}\n{\"action\":\"DUNNO\",\"error\":\"unknown request type\"}\n{\"action\":\"DUNNO\",\"error\":\"truncated line\"}\n",
+            ),
+        ];
+        for (protocol, input, want) in cases {
+            let (client, server) = tokio::io::duplex(7);
+            let serve = tokio::spawn({
+                let protocol = *protocol;
+                async move {
+                    let mut framed = Framed::new(server, Codec::new(protocol, &Limits::default()));
+                    while let Some(item) = framed.next().await {
+                        let item = item.unwrap();
+                        let fatal = item.as_ref().err().is_some_and(ProtocolError::is_fatal);
+                        let answer = match &item {
+                            Err(e) => Answer::for_error(e),
+                            Ok(frame) => match frame.parse() {
+                                Err(e) => Answer::for_error(&e),
+                                Ok(r) if r.query().kind == Kind::Unknown => {
+                                    Answer::unknown_request()
+                                }
+                                Ok(_) => Answer::not_found(),
+                            },
+                        };
+                        framed.send(&answer).await.unwrap();
+                        if fatal {
+                            break;
+                        }
+                    }
+                }
+            });
+            // Small writes into a 7-byte pipe: every request arrives in pieces. The
+            // writer runs beside the reader, since answers come back meanwhile.
+            let (mut rx, mut tx) = tokio::io::split(client);
+            let input = input.to_vec();
+            let write = tokio::spawn(async move {
+                for part in input.chunks(5) {
+                    tx.write_all(part).await.unwrap();
+                }
+                tx.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).await.unwrap();
+            write.await.unwrap();
+            serve.await.unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(want),
+                "{protocol:?}"
+            );
+        }
+    }
+
     #[test]
     fn names_round_trip() {
         for p in Protocol::ALL {

@@ -233,7 +233,7 @@ impl PolicyCodec {
 
     fn discard(&mut self, buf: &mut BytesMut) -> Option<Result<PolicyRequest, PolicyError>> {
         loop {
-            let Some(i) = buf.iter().position(|&b| b == b'\n') else {
+            let Some(i) = memchr::memchr(b'\n', buf) else {
                 if !buf.is_empty() {
                     self.mid_line = true;
                     buf.clear();
@@ -261,7 +261,7 @@ impl Decoder for PolicyCodec {
             if self.failed.is_some() {
                 return Ok(self.discard(buf));
             }
-            let Some(i) = buf[self.scanned..].iter().position(|&b| b == b'\n') else {
+            let Some(i) = memchr::memchr(b'\n', &buf[self.scanned..]) else {
                 self.scanned = buf.len();
                 if buf.len() - self.line_start > self.limits.max_line {
                     self.fail(PolicyError::LineTooLong, buf);
@@ -299,9 +299,12 @@ impl Decoder for PolicyCodec {
             } else if self.attrs.len() >= self.limits.max_attributes {
                 Some(PolicyError::TooManyAttributes)
             } else {
-                match line.iter().position(|&b| b == b'=') {
+                match memchr::memchr(b'=', line) {
                     None | Some(0) => Some(PolicyError::Malformed),
-                    Some(_) if std::str::from_utf8(line).is_err() => Some(PolicyError::InvalidUtf8),
+                    // The ASCII check is inlined and word-wide; most lines need nothing more.
+                    Some(_) if !line.is_ascii() && std::str::from_utf8(line).is_err() => {
+                        Some(PolicyError::InvalidUtf8)
+                    }
                     Some(eq) => {
                         self.attrs.push(Attr {
                             start: start as u16,
@@ -396,17 +399,23 @@ fn put_attr(dst: &mut BytesMut, name: &str, value: &str) {
 }
 
 /// Messages per second with at most three decimals and no trailing zeros (`0.5`, `12`).
-pub(crate) fn put_rate(dst: &mut BytesMut, rate: f64) {
-    let at = dst.len();
-    let _ = write!(dst, "{rate:.3}");
-    let mut end = dst.len();
-    while end > at && dst[end - 1] == b'0' {
-        end -= 1;
+/// Integer arithmetic: float formatting with a precision takes a slow exact path.
+fn put_rate(dst: &mut BytesMut, rate: f64) {
+    // Rates are small; the clamp only keeps the cast defined.
+    let milli = (rate.abs() * 1000.0).round().min(1e15) as u64;
+    if rate < 0.0 && milli > 0 {
+        dst.put_u8(b'-');
     }
-    if end > at && dst[end - 1] == b'.' {
-        end -= 1;
+    let _ = write!(dst, "{}", milli / 1000);
+    let mut frac = milli % 1000;
+    if frac > 0 {
+        let mut digits = 3;
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        let _ = write!(dst, ".{frac:0digits$}");
     }
-    dst.truncate(end);
 }
 
 #[cfg(test)]
@@ -677,6 +686,10 @@ mod tests {
             (Answer { rate: Some(5.0), ..Answer::DUNNO }, "action=DUNNO\nrate=5\n\n"),
             (Answer { rate: Some(1.0 / 3.0), ..Answer::DUNNO }, "action=DUNNO\nrate=0.333\n\n"),
             (Answer { rate: Some(f64::INFINITY), ..Answer::DUNNO }, "action=DUNNO\n\n"),
+            (Answer { rate: Some(0.05), ..Answer::DUNNO }, "action=DUNNO\nrate=0.05\n\n"),
+            (Answer { rate: Some(2.0005), ..Answer::DUNNO }, "action=DUNNO\nrate=2.001\n\n"),
+            (Answer { rate: Some(0.0001), ..Answer::DUNNO }, "action=DUNNO\nrate=0\n\n"),
+            (Answer { rate: Some(10.01), ..Answer::DUNNO }, "action=DUNNO\nrate=10.01\n\n"),
         ];
         for (answer, want) in cases {
             let mut dst = BytesMut::new();

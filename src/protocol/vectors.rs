@@ -310,7 +310,7 @@ pub fn pattern_matches(pattern: &str, actual: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Answer, Codec, Frame, Kind, Limits, ProtocolError};
+    use crate::protocol::{detect, Answer, Codec, Detected, Frame, Kind, Limits, ProtocolError};
     use bytes::BytesMut;
     use tokio_util::codec::{Decoder, Encoder};
 
@@ -362,6 +362,13 @@ mod tests {
             assert!(cases.len() >= 5, "{protocol:?}: {} cases", cases.len());
             let mut kinds = Vec::new();
             for case in &cases {
+                // The replay relies on detection, so every case must open unambiguously.
+                assert_eq!(
+                    detect(&case.request),
+                    Detected::Protocol(protocol),
+                    "{}: first bytes",
+                    case.name
+                );
                 let whole = decode_all(protocol, &case.request, case.request.len());
                 let bytewise = decode_all(protocol, &case.request, 1);
                 assert_eq!(whole.len(), bytewise.len(), "{}: split reads", case.name);
