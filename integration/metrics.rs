@@ -2,150 +2,15 @@
 //! exposition validity (`promtool check metrics`), alert rules (`promtool check rules`),
 //! and that every metric the dashboard and the alerts use is one the daemon exports.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use common::Daemon;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-struct Daemon {
-    child: Child,
-    addr: String,
-    metrics: String,
-    _dir: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "mxpace-{tag}-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Daemon {
-    fn start(config: &str) -> Daemon {
-        let dir = TempDir::new("metrics");
-        let cfg = dir.0.join("mxpace.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mxpace"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                &metrics,
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--state")
-            .arg(dir.0.join("state.db"))
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mxpace");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("listening on ") {
-                    let addr = line[i + 13..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("daemon announces its listener");
-        Daemon {
-            child,
-            addr,
-            metrics,
-            _dir: dir,
-        }
-    }
-
-    fn policy(&self, attrs: &[(&str, &str)]) -> String {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        let mut req = String::new();
-        for (k, v) in attrs {
-            req.push_str(&format!("{k}={v}\n"));
-        }
-        req.push('\n');
-        s.write_all(req.as_bytes()).unwrap();
-        let mut r = BufReader::new(s);
-        let mut out = String::new();
-        loop {
-            let mut line = String::new();
-            if r.read_line(&mut line).unwrap() == 0 || line == "\n" {
-                break;
-            }
-            out.push_str(&line);
-        }
-        out
-    }
-
-    fn scrape(&self) -> String {
-        let mut s = TcpStream::connect(&self.metrics).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        let i = body.find("\r\n\r\n").expect("http response");
-        assert!(body.starts_with("HTTP/1.1 200"), "{}", &body[..i]);
-        body[i + 4..].to_string()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The value of one sample line `name{labels} value` whose labels include all of `want`.
 fn value(expo: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
