@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration suite needs, non-interactively, as root:
 # Postfix (with debconf "No configuration", so no system instance is set up),
-# swaks, redis-server, prometheus (for promtool), python3 and pytest.
+# swaks, redis-server, prometheus (for promtool), dnsmasq (a real DNS server for the
+# MX rollup test), python3 and pytest.
 #
 # Idempotent and fast when everything is present: apt-get update runs only
 # when a package is actually missing.
@@ -18,6 +19,7 @@ declare -A NEED=(
     [/usr/sbin/smtp-source]=postfix
     [/usr/bin/swaks]=swaks
     [/usr/bin/redis-server]=redis-server
+    [/usr/sbin/dnsmasq]=dnsmasq-base
     [/usr/bin/promtool]=prometheus
     [/usr/bin/python3]=python3
 )

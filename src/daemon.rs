@@ -89,6 +89,21 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let classifier = Arc::new(load_classifier(&config)?);
     let engine = Arc::new(Engine::new(config.clone(), classifier, EngineClock::real()));
     let store = Store::open(&config, &engine, opts.quarantine_bad_state)?;
+    if config.shaping.mx_rollup {
+        let (cache, rx) = crate::shaping::mx::MxCache::new(
+            config.shaping.mx_cache_ttl.get().as_secs(),
+            config.shaping.mx_cache_size,
+        );
+        let cache = Arc::new(cache);
+        let resolver = crate::shaping::mx::resolver(&config.shaping.mx_nameservers)?;
+        engine.attach_mx(cache.clone());
+        tokio::spawn(crate::shaping::mx::resolve_loop(
+            engine.clone(),
+            cache,
+            rx,
+            resolver,
+        ));
+    }
     let service = Arc::new(Service::new(engine.clone(), config.clone(), store.clone()));
 
     // Bind everything before announcing anything: a half-started daemon helps no one.

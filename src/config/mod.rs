@@ -178,6 +178,8 @@ pub struct ShapingConfig {
     pub mx_rollup: bool,
     pub mx_cache_ttl: Dur,
     pub mx_cache_size: usize,
+    /// DNS servers (`IP:PORT`) for the MX rollup; empty = the system's resolv.conf.
+    pub mx_nameservers: Vec<String>,
     /// Settings every provider inherits unless it overrides them.
     pub defaults: ShapingParams,
 }
@@ -419,6 +421,7 @@ impl Default for ShapingConfig {
             mx_rollup: false,
             mx_cache_ttl: Dur::secs(3600),
             mx_cache_size: 100_000,
+            mx_nameservers: Vec::new(),
             defaults: ShapingParams::default(),
         }
     }

@@ -398,6 +398,8 @@ pub struct Engine {
     clock: EngineClock,
     /// Where durable changes go (the store's writer), once a store is attached.
     journal: std::sync::OnceLock<std::sync::mpsc::Sender<Change>>,
+    /// MX rollup of unlisted domains, when enabled.
+    mx: std::sync::OnceLock<Arc<super::mx::MxCache>>,
 }
 
 fn key_of(site: Site, identity: u32) -> u64 {
@@ -428,6 +430,7 @@ impl Engine {
             inner: Mutex::new(Inner::default()),
             clock,
             journal: std::sync::OnceLock::new(),
+            mx: std::sync::OnceLock::new(),
         }
     }
 
@@ -502,7 +505,11 @@ impl Engine {
                 }
                 if let Ok(lower) = std::str::from_utf8(&buf[..d.len()]) {
                     // One reference for `slot_for`, which keeps or releases it.
-                    return Site::Domain(inner.domains.acquire(lower));
+                    return match self.rolled_up(lower) {
+                        Some(Ok(n)) => Site::Named(n),
+                        Some(Err(group)) => Site::Domain(inner.domains.acquire(&group)),
+                        None => Site::Domain(inner.domains.acquire(lower)),
+                    };
                 }
             }
         }
@@ -902,11 +909,18 @@ impl Engine {
                 let Ok(lower) = std::str::from_utf8(&buf[..domain.len()]) else {
                     return Admission::Default;
                 };
-                match inner.domains.get(lower) {
-                    Some(d) => Site::Domain(d),
-                    None => return Admission::Default,
+                let rolled = self.rolled_up(lower);
+                match rolled {
+                    Some(Ok(n)) => Site::Named(n),
+                    Some(Err(group)) => match inner.domains.get(&group) {
+                        Some(d) => Site::Domain(d),
+                        None => return Admission::Default,
+                    },
+                    None => match inner.domains.get(lower) {
+                        Some(d) => Site::Domain(d),
+                        None => return Admission::Default,
+                    },
                 }
-                // Held until `slot_for` keeps or releases it (see below).
             }
         };
         let params = setup.params(site);
@@ -1041,10 +1055,18 @@ impl Engine {
         };
         let site = match setup.sites.for_domain(domain, &setup.classifier) {
             Some(n) => Site::Named(n),
-            None => match inner.domains.get(&domain.to_ascii_lowercase()) {
-                Some(d) => Site::Domain(d),
-                None => return PolicyVerdict::Dunno,
-            },
+            None => {
+                let lower = domain.to_ascii_lowercase();
+                let key = match self.rolled_up(&lower) {
+                    Some(Ok(n)) => Some(Site::Named(n)),
+                    Some(Err(group)) => inner.domains.get(&group).map(Site::Domain),
+                    None => inner.domains.get(&lower).map(Site::Domain),
+                };
+                match key {
+                    Some(s) => s,
+                    None => return PolicyVerdict::Dunno,
+                }
+            }
         };
         let sk = site.key() as u64;
         let mut until = 0;
@@ -1273,6 +1295,22 @@ impl Engine {
             evictions: inner.evictions,
             domains: inner.domains.len(),
             identities: inner.identities.len(),
+        }
+    }
+
+    /// Enables the MX rollup of unlisted domains through this cache.
+    pub fn attach_mx(&self, cache: Arc<super::mx::MxCache>) {
+        let _ = self.mx.set(cache);
+    }
+
+    /// The site an unlisted (lowercased) domain rolls up to, when its MX is known:
+    /// `Ok(named)`, `Err(group key)`; `None` when unknown or the domain is its own site.
+    fn rolled_up(&self, domain: &str) -> Option<Result<u16, Box<str>>> {
+        let mx = self.mx.get()?;
+        match mx.lookup(domain, self.clock.unix_now())? {
+            super::mx::MxTarget::Provider(n) => Some(Ok(n)),
+            super::mx::MxTarget::Group(key) => Some(Err(key)),
+            super::mx::MxTarget::Itself => None,
         }
     }
 

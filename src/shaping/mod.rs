@@ -3,6 +3,7 @@
 //!
 //! - [`clock`]: the injectable time source shared with the governor limiters.
 //! - [`intern`]: compact ids for domains, pools and MX hosts.
+//! - [`mx`]: MX rollup of unlisted domains, resolved in the background.
 //! - [`site`]: provider groups and recipient domains.
 //! - [`stage`]: windowed counts and the trusted → rejecting stage.
 //! - [`state`]: one destination's adaptive state and its pure transition rules.
@@ -12,6 +13,7 @@
 pub mod clock;
 pub mod engine;
 pub mod intern;
+pub mod mx;
 pub mod site;
 pub mod stage;
 pub mod state;
