@@ -124,6 +124,62 @@ impl Default for Classifier {
     }
 }
 
+/// Marks token keys apart from rule indices in [`Hits`].
+const TOKEN_KEY: u16 = 0x8000;
+
+/// Where the prefilter's literals occurred: (rule or token key, start offset). Bounded; on
+/// overflow every candidate is verified with a whole-text search instead.
+struct Hits {
+    at: [(u16, u16); 64],
+    len: usize,
+    overflow: bool,
+}
+
+impl Default for Hits {
+    fn default() -> Self {
+        Hits {
+            at: [(0, 0); 64],
+            len: 0,
+            overflow: false,
+        }
+    }
+}
+
+impl Hits {
+    #[inline]
+    fn push(&mut self, key: u16, start: usize) {
+        if self.len < self.at.len() && start <= u16::MAX as usize {
+            self.at[self.len] = (key, start as u16);
+            self.len += 1;
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    /// Does `re` match `text`? For anchored candidates only at the literal offsets: a match
+    /// must start at one, and an anchored search fails within a few bytes elsewhere.
+    #[inline]
+    fn verify(
+        &self,
+        re: &regex_automata::meta::Regex,
+        anchored: bool,
+        key: u16,
+        text: &str,
+    ) -> bool {
+        use regex_automata::{Anchored, Input};
+        if !anchored || self.overflow {
+            return re.is_match(text);
+        }
+        self.at[..self.len].iter().filter(|h| h.0 == key).any(|h| {
+            re.is_match(
+                Input::new(text)
+                    .range(h.1 as usize..)
+                    .anchored(Anchored::Yes),
+            )
+        })
+    }
+}
+
 /// What the hot path found before choosing a rule.
 struct Decision {
     verdict: Verdict,
@@ -239,22 +295,31 @@ impl Classifier {
             .effective_enhanced()
             .or_else(|| hints.status.and_then(|s| Enhanced::parse(s.trim())));
 
-        // Candidate rules and tokens from one automaton pass.
+        // Candidate rules and tokens from one automaton pass. Where each literal occurred is
+        // kept (bounded) so anchored rules verify at those offsets only.
         let pf = &c.prefilter;
         let mut rules = [0u64; rules::MAX_RULES / 64];
         let n_words = pf.always_rules.len();
         rules[..n_words].copy_from_slice(&pf.always_rules);
         let mut tokens = [0u64; rules::MAX_TOKENS / 64];
-        if let Some(ac) = &pf.ac {
-            for m in ac.find_overlapping_iter(text) {
-                let (lo, hi) = pf.spans[m.pattern().as_usize()];
+        let mut hits = Hits::default();
+        {
+            pf.scanner.for_each(text.as_bytes(), |lit, start| {
+                let (lo, hi) = pf.spans[lit];
                 for t in &pf.targets[lo as usize..hi as usize] {
-                    match *t {
-                        prefilter::Target::Rule(r) => rules[r as usize / 64] |= 1 << (r % 64),
-                        prefilter::Target::Token(k) => tokens[k as usize / 64] |= 1 << (k % 64),
-                    }
+                    let key = match *t {
+                        prefilter::Target::Rule(r) => {
+                            rules[r as usize / 64] |= 1 << (r % 64);
+                            r as u16
+                        }
+                        prefilter::Target::Token(k) => {
+                            tokens[k as usize / 64] |= 1 << (k % 64);
+                            TOKEN_KEY | k as u16
+                        }
+                    };
+                    hits.push(key, start);
                 }
-            }
+            });
         }
         for &k in &pf.always_tokens {
             tokens[k as usize / 64] |= 1 << (k % 64);
@@ -294,7 +359,7 @@ impl Classifier {
                 let k = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let t = &c.tokens[k];
-                if t.re.is_match(text)
+                if hits.verify(&t.re, pf.token_anchored[k], TOKEN_KEY | k as u16, text)
                     || parsed.mx_host.is_some_and(|h| t.re.is_match(h))
                     || hints.mx_host.is_some_and(|h| t.re.is_match(h))
                 {
@@ -320,7 +385,7 @@ impl Classifier {
                     continue;
                 }
                 if let Some(re) = &rule.text {
-                    if !re.is_match(text) {
+                    if !hits.verify(re, pf.rule_anchored[r], r as u16, text) {
                         continue;
                     }
                 }

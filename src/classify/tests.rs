@@ -339,3 +339,20 @@ fn builtin_rules_compile_and_every_rule_has_advice() {
         );
     }
 }
+
+#[test]
+fn more_provider_and_generic_phenomena() {
+    check(&[
+        ("421-4.7.29 Your email has been rate limited because this message wasn't sent over a TLS connection.", "protocol_error", "gmail", "none", "gmail.tls_required"),
+        ("421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel", "rate_limited", "", "ip", "rate.limited"),
+        ("450 4.7.1 Client host rejected: Too many connections from your IP", "rate_limited", "", "ip", "rate.limited"),
+        ("450 4.7.1 <mail.example.com>: Helo command rejected: Host not found", "auth_failure", "", "ip", "auth.ptr"),
+        ("554 5.7.0 Reject, id=12345-01 - BANNED: invoice.exe", "content_rejected", "", "message", "content.virus"),
+        ("550 5.7.9 This mail has been blocked because the sender is unauthenticated. Yahoo requires all senders to authenticate with either SPF or DKIM.", "auth_failure", "yahoo", "from_domain", "auth.unauthenticated"),
+        ("552 5.1.1 Boite du destinataire pleine. Recipient overquota. OFR_417 [417]", "mailbox_full", "orange", "recipient", "mailbox.full"),
+        ("554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using b.barracudacentral.org", "reputation_block", "", "ip", "blocklist.barracuda"),
+        ("554-gmx.net (mxgmx016) Nemesis ESMTP Service not available 554-No SMTP service 554-Bad DNS PTR resource record.", "auth_failure", "gmx", "ip", "gmx.bad_ptr"),
+        ("554 5.7.1 resimta Comcast block for spam. Please see http://postmaster.comcast.net/smtp-error-codes.php#BL000000", "reputation_block", "comcast", "ip", "comcast.block"),
+        ("550 5.7.1 [CS01] Message rejected due to local policy. Please visit https://support.apple.com/en-us/HT204137", "policy_rejected", "apple", "none", "apple.local_policy"),
+    ]);
+}
