@@ -734,6 +734,21 @@ pub fn parse_listen_address(text: &str) -> Result<ListenAddress, String> {
         .map_err(|_| format!("{text:?} is neither HOST:PORT with an IP address nor unix:/path"))
 }
 
+/// `YYYY-MM-DD` of a day count since 1970-01-01 (inverse of [`parse_date`]).
+pub fn format_date(days: i64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 /// Days since 1970-01-01 for a `YYYY-MM-DD` date (proleptic Gregorian, UTC).
 pub fn parse_date(text: &str) -> Option<i64> {
     let mut it = text.split('-');
@@ -807,6 +822,9 @@ mod tests {
         assert_eq!(parse_date("1970-01-01"), Some(0));
         assert_eq!(parse_date("2026-11-24"), Some(20781));
         assert_eq!(parse_date("2026-13-01"), None);
+        for days in [0, 59, 60, 365, 20781, 40000] {
+            assert_eq!(parse_date(&format_date(days)), Some(days));
+        }
         assert!(matches!(
             parse_listen_address("127.0.0.1:0"),
             Ok(ListenAddress::Tcp(_))

@@ -1631,6 +1631,30 @@ mod tests {
     }
 
     #[test]
+    fn warmup_caps_the_daily_volume_per_source() {
+        // Day 1 of the schedule: 200 messages a day, whatever the tier allows.
+        let today = crate::config::format_date(
+            (EngineClock::fake(1_700_000_000).unix_now() / 86400) as i64,
+        );
+        let e = engine(&format!(
+            "[warmup]\nenabled = true\nstart_date = \"{today}\"\n[providers.gmail]\ndomains = [\"gmail.test\"]\nstart_tier = \"t9\"\n"
+        ));
+        let mut routed = 0;
+        for i in 0..400 {
+            e.clock().advance(Duration::from_millis(20));
+            match e.admit(&format!("u{i}@gmail.test"), None) {
+                Admission::Route { .. } => routed += 1,
+                Admission::Hold {
+                    reason: Hold::Warmup { limit },
+                    ..
+                } => assert_eq!(limit, 200),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(routed, 200);
+    }
+
+    #[test]
     fn eviction_bounds_destinations() {
         let e = engine("[shaping]\nmax_destinations = 64\n");
         for i in 0..1000 {
