@@ -12,7 +12,7 @@ use connection::{serve_connection, ConnConfig};
 use listener::{Bound, BoundListener};
 use service::Service;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,9 +36,20 @@ pub fn spawn_listeners(
         let t = tracker.clone();
         tracker.spawn(async move {
             loop {
-                let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    _ = shutdown.cancelled() => break,
+                let permit = match permits.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(TryAcquireError::Closed) => break,
+                    Err(TryAcquireError::NoPermits) => {
+                        crate::metrics::connection_limit_wait();
+                        tracing::warn!(
+                            max_connections,
+                            "connection cap reached: new connections wait in the listen backlog"
+                        );
+                        tokio::select! {
+                            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
                 };
                 macro_rules! serve {
                     ($accepted:expr) => {
