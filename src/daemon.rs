@@ -91,6 +91,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let store = Store::open(&config, &engine, opts.quarantine_bad_state)?;
     let service = Arc::new(Service::new(engine.clone(), config.clone(), store.clone()));
 
+    // Handlers first: scripts signal as soon as `listening on` appears, and an
+    // unhandled SIGTERM/SIGHUP would kill the process instead of stopping or reloading it.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
     // Bind everything before announcing anything: a half-started daemon helps no one.
     let mut bound = Vec::new();
     for l in &config.server.listeners {
@@ -163,9 +169,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         })
     };
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {
