@@ -211,6 +211,7 @@ pub async fn serve_connection<S>(
     let mut scratch = String::with_capacity(256);
     // Bytes left by protocol detection are a request under way: its clock is running.
     let mut first = true;
+    let mut writable = true;
     loop {
         if framed.read_buffer().is_empty() {
             framed.get_mut().expect_request();
@@ -255,13 +256,25 @@ pub async fn serve_connection<S>(
                 m::protocol_error(label, err.kind());
                 tracing::warn!(protocol = label, error = %err, "bad request answered with an error reply");
                 fatal = err.is_fatal();
-                framed.feed(&Answer::for_error(&err)).await
+                send(
+                    &mut framed,
+                    &Answer::for_error(&err),
+                    label,
+                    cfg.request_timeout,
+                )
+                .await
             }
             Ok(frame) => match frame.parse() {
                 Err(err) => {
                     m::protocol_error(label, err.kind());
                     tracing::warn!(protocol = label, error = %err, "bad request answered with an error reply");
-                    framed.feed(&Answer::for_error(&err)).await
+                    send(
+                        &mut framed,
+                        &Answer::for_error(&err),
+                        label,
+                        cfg.request_timeout,
+                    )
+                    .await
                 }
                 Ok(request) => {
                     let query = request.query();
@@ -280,26 +293,38 @@ pub async fn serve_connection<S>(
                         service.store.sync().await;
                     }
                     m::request(label, query.kind.as_str(), started.elapsed());
-                    framed.feed(&answer).await
+                    send(&mut framed, &answer, label, cfg.request_timeout).await
                 }
             },
         };
-        if sent.is_err() {
-            break;
-        }
+        writable = sent;
         // Flush when the pipeline is drained (or the write buffer grows large).
-        if (framed.read_buffer().is_empty() || framed.write_buffer().len() > 64 * 1024 || fatal)
-            && !flush(&mut framed, label, cfg.request_timeout).await
-        {
-            break;
+        let drained = framed.read_buffer().is_empty() || framed.write_buffer().len() > 64 * 1024;
+        if writable && (drained || fatal) {
+            writable = flush(&mut framed, label, cfg.request_timeout).await;
         }
-        if fatal {
+        if !writable || fatal {
             break;
         }
     }
-    if flush(&mut framed, label, cfg.request_timeout).await {
+    // A stream that failed a write (or timed out on one) gets no second wait.
+    if writable && flush(&mut framed, label, cfg.request_timeout).await {
         let _ = tokio::time::timeout(cfg.request_timeout, framed.get_mut().shutdown()).await;
     }
+}
+
+/// Queues one answer. Past the write buffer's backpressure boundary this writes too,
+/// so it is bounded like [`flush`].
+async fn send<S: AsyncWrite + Unpin>(
+    framed: &mut Framed<Timed<S>, Codec>,
+    answer: &Answer<'_>,
+    label: &'static str,
+    limit: Duration,
+) -> bool {
+    write_outcome(
+        tokio::time::timeout(limit, framed.feed(answer)).await,
+        label,
+    )
 }
 
 /// Writes buffered answers out within `limit`: a client that stops reading its
@@ -309,7 +334,17 @@ async fn flush<S: AsyncWrite + Unpin>(
     label: &'static str,
     limit: Duration,
 ) -> bool {
-    match tokio::time::timeout(limit, SinkExt::<&Answer<'_>>::flush(framed)).await {
+    write_outcome(
+        tokio::time::timeout(limit, SinkExt::<&Answer<'_>>::flush(framed)).await,
+        label,
+    )
+}
+
+fn write_outcome(
+    r: Result<io::Result<()>, tokio::time::error::Elapsed>,
+    label: &'static str,
+) -> bool {
+    match r {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
             tracing::debug!(protocol = label, error = %e, "connection write error");
