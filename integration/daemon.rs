@@ -1101,6 +1101,42 @@ fn slow_client_is_cut_off_by_request_timeout() {
     daemon.stop();
 }
 
+/// A client that sends requests but never reads the answers is closed once a write
+/// has been stuck for `request_timeout`, instead of holding its connection forever.
+#[test]
+fn client_that_never_reads_is_closed() {
+    let daemon = Daemon::start(Opts {
+        config: Some(LIMITS_CONFIG.into()),
+        unix: true,
+        ..Opts::default()
+    });
+    // Unix socket buffers are small: a few thousand unread answers fill them.
+    let mut conn = UnixStream::connect(daemon.unix()).unwrap();
+    conn.set_write_timeout(Some(PATIENCE)).unwrap();
+    let batch = b"request=destination_query\nrecipient=a@gmail.com\n\n".repeat(1000);
+    let mut outcome = None;
+    for _ in 0..1000 {
+        if let Err(e) = conn.write_all(&batch) {
+            outcome = Some(e.kind());
+            break;
+        }
+    }
+    assert!(
+        matches!(
+            outcome,
+            Some(ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
+        ),
+        "the daemon kept the connection: {outcome:?}"
+    );
+    daemon.wait_metric(
+        "mxpace_protocol_errors_total",
+        &[("protocol", "policy"), ("kind", "write_timeout")],
+        1.0,
+    );
+    assert_serving(&daemon, Via::Unix);
+    daemon.stop();
+}
+
 #[test]
 fn idle_connections_are_closed() {
     let daemon = Daemon::start(Opts {
