@@ -17,19 +17,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Accepts on every listener until `shutdown`, then waits for open connections
-/// (which finish their current request) through `tracker`.
+/// (which finish their current request) through `tracker`. `conn` is asked for each
+/// new connection, so that a reloaded config's limits and timeouts apply to it.
 pub fn spawn_listeners(
     listeners: Vec<BoundListener>,
     service: Arc<Service>,
-    conn: impl Fn(&BoundListener) -> ConnConfig,
+    conn: impl Fn(&BoundListener) -> ConnConfig + Send + Sync + 'static,
     max_connections: usize,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
     // One cap over all listeners: connections beyond it wait in the kernel backlog.
     let permits = Arc::new(Semaphore::new(max_connections));
+    let conn = Arc::new(conn);
     for l in listeners {
-        let cfg = Arc::new(conn(&l));
+        let conn = conn.clone();
         let service = service.clone();
         let shutdown = shutdown.clone();
         let permits = permits.clone();
@@ -55,7 +57,8 @@ pub fn spawn_listeners(
                     ($accepted:expr) => {
                         match $accepted {
                             Ok((io, _)) => {
-                                let (service, cfg, shutdown) = (service.clone(), cfg.clone(), shutdown.clone());
+                                let cfg = Arc::new(conn(&l));
+                                let (service, shutdown) = (service.clone(), shutdown.clone());
                                 t.spawn(async move {
                                     serve_connection(io, service, cfg, shutdown).await;
                                     drop(permit);
