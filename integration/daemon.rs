@@ -1267,13 +1267,52 @@ fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
     let before = destination(&daemon, "a@gmail.com");
     assert!(before.contains("\nrate=20\n"), "{before}");
     assert!(before.contains("\nconcurrency=10\n"), "{before}");
+    // A 1000-byte line is within the default max_line_bytes (4096).
+    let long_line = format!(
+        "request=smtpd_access_policy\nx_long={}\nrecipient=a@b.test\n\n",
+        "x".repeat(1000)
+    );
+    let line_too_long = [("protocol", "policy"), ("kind", "line_too_long")];
+    daemon
+        .connect(Via::Tcp)
+        .ask(Protocol::Policy, long_line.as_bytes());
+    assert_eq!(
+        metric(
+            &daemon.scrape(),
+            "mxpace_protocol_errors_total",
+            &line_too_long
+        ),
+        None
+    );
+    // A connection opened before the reload keeps the limits it started with.
+    let mut old_conn = daemon.connect(Via::Tcp);
+    old_conn.ask(Protocol::Policy, &good_request(Protocol::Policy, 0).0);
 
-    std::fs::write(&config_path, "[providers.gmail]\nstart_tier = \"t3\"\n").unwrap();
+    std::fs::write(
+        &config_path,
+        "[server]\nmax_line_bytes = 512\nmax_connections = 10\n\n[providers.gmail]\nstart_tier = \"t3\"\n",
+    )
+    .unwrap();
     daemon.signal("HUP");
     daemon.wait_metric("mxpace_config_reloads_total", &[("result", "ok")], 1.0);
     let after = destination(&daemon, "b@gmail.com");
     assert!(after.contains("\nrate=3\n"), "{after}");
     assert!(after.contains("\nconcurrency=3\n"), "{after}");
+    // New connections get the new limits; what cannot change without a restart is named.
+    daemon
+        .connect(Via::Tcp)
+        .ask(Protocol::Policy, long_line.as_bytes());
+    daemon.wait_metric("mxpace_protocol_errors_total", &line_too_long, 1.0);
+    old_conn.ask(Protocol::Policy, long_line.as_bytes());
+    daemon.wait_log("server.max_connections");
+    assert_eq!(
+        metric(
+            &daemon.scrape(),
+            "mxpace_protocol_errors_total",
+            &line_too_long
+        ),
+        Some(1.0)
+    );
 
     // Invalid: refused, logged, and the previous config keeps serving.
     std::fs::write(&config_path, "[providers.gmail]\nstart_tier = \"t99\"\n").unwrap();
