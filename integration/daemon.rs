@@ -296,7 +296,6 @@ impl Drop for Daemon {
                 );
             }
         }
-        let _ = &self.dir;
     }
 }
 
