@@ -83,7 +83,7 @@ fn acknowledged_suppressions_and_suspensions_survive_sigkill_under_load() {
                 i += 1;
                 let rcpt = format!("gone{i}@example.org");
                 match report(&mut c, &rcpt, "550 5.1.1 <x>: Recipient address rejected: User unknown in virtual mailbox table") {
-                    Ok(a) if a.contains("action=bounce") => acked.lock().unwrap().push(rcpt),
+                    Ok(a) if a.contains("action=REJECT") => acked.lock().unwrap().push(rcpt),
                     Ok(a) => panic!("unexpected answer {a}"),
                     Err(_) => break,
                 }

@@ -106,6 +106,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let service = Arc::new(Service::new(engine.clone(), config.clone(), store.clone()));
 
+    // Handlers first: scripts signal as soon as `listening on` appears, and an
+    // unhandled SIGTERM/SIGHUP would kill the process instead of stopping or reloading it.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
     // Bind everything before announcing anything: a half-started daemon helps no one.
     let mut bound = Vec::new();
     for l in &config.server.listeners {
@@ -134,13 +140,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .iter()
         .map(|b| (b.local.clone(), b.protocol))
         .collect();
+    // Read per connection: a reload's limits and timeouts apply to new connections.
     let conn_cfg = {
-        let config = config.clone();
-        move |b: &listener::BoundListener| ConnConfig {
-            protocol: b.protocol,
-            limits: limits(&config),
-            idle_timeout: config.server.idle_timeout.get(),
-            request_timeout: config.server.request_timeout.get(),
+        let service = service.clone();
+        move |b: &listener::BoundListener| {
+            let config = service.config.load();
+            ConnConfig {
+                protocol: b.protocol,
+                limits: limits(&config),
+                idle_timeout: config.server.idle_timeout.get(),
+                request_timeout: config.server.request_timeout.get(),
+            }
         }
     };
     spawn_listeners(
@@ -178,9 +188,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         })
     };
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -193,7 +200,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     tracker.close();
-    let grace = config.server.shutdown_grace.get();
+    let grace = service.config.load().server.shutdown_grace.get();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             grace_seconds = grace.as_secs_f64(),
@@ -207,6 +214,34 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Settings bound at startup (sockets, the connection cap, the store, logging), by
+/// name, that differ between `old` and `new`.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.server.listeners != new.server.listeners {
+        changed.push("server.listeners");
+    }
+    if old.server.max_connections != new.server.max_connections {
+        changed.push("server.max_connections");
+    }
+    if old.shaping.housekeeping_interval != new.shaping.housekeeping_interval {
+        changed.push("shaping.housekeeping_interval");
+    }
+    if old.metrics != new.metrics {
+        changed.push("metrics");
+    }
+    if old.admin != new.admin {
+        changed.push("admin");
+    }
+    if old.state != new.state {
+        changed.push("state");
+    }
+    if old.log != new.log {
+        changed.push("log");
+    }
+    changed
+}
+
 /// Loads the new config and swaps it in whole, or keeps the old one and says why.
 fn reload(opts: &ServeOptions, engine: &Engine, service: &Service) {
     let result = load_config(opts).and_then(|c| {
@@ -215,6 +250,14 @@ fn reload(opts: &ServeOptions, engine: &Engine, service: &Service) {
     });
     match result {
         Ok((config, classifier)) => {
+            let old = service.config.load();
+            let restart = restart_needed(&old, &config);
+            if !restart.is_empty() {
+                tracing::warn!(
+                    settings = %restart.join(", "),
+                    "changed settings take effect at the next restart; the rest is reloaded"
+                );
+            }
             let config = Arc::new(config);
             engine.reload(config.clone(), Arc::new(classifier));
             service.config.store(config);
@@ -224,6 +267,56 @@ fn reload(opts: &ServeOptions, engine: &Engine, service: &Service) {
         Err(e) => {
             crate::metrics::reload(false);
             tracing::error!(error = %format!("{e:#}"), "config reload refused; the previous config stays in force");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_need_a_restart() {
+        type Edit = fn(&mut Config);
+        let cases: &[(Edit, &[&str])] = &[
+            (|_| {}, &[]),
+            // Applied on reload: limits and timeouts (new connections), policy, shaping.
+            (
+                |c| {
+                    c.server.max_line_bytes = 100;
+                    c.server.idle_timeout = crate::config::Dur::secs(1);
+                    c.server.shutdown_grace = crate::config::Dur::secs(1);
+                    c.policy.suppressed_action = "REJECT 5.7.1".into();
+                    c.shaping.defaults.start_tier = "t1".into();
+                },
+                &[],
+            ),
+            (
+                |c| c.server.max_connections = 1,
+                &["server.max_connections"],
+            ),
+            (
+                |c| c.server.listeners[0].address = "unix:/x".into(),
+                &["server.listeners"],
+            ),
+            (
+                |c| {
+                    c.metrics.listen = String::new();
+                    c.state.path = "other".into();
+                    c.log.level = "debug".into();
+                },
+                &["metrics", "state", "log"],
+            ),
+            (
+                |c| c.shaping.housekeeping_interval = crate::config::Dur::secs(1),
+                &["shaping.housekeeping_interval"],
+            ),
+        ];
+        let old = Config::builtin();
+        for (i, (edit, want)) in cases.iter().enumerate() {
+            let mut new = old.clone();
+            edit(&mut new);
+            assert_eq!(restart_needed(&old, &new), *want, "case {i}");
         }
     }
 }

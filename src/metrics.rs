@@ -141,6 +141,10 @@ fn describe() {
         "Bad requests and connection errors by protocol and kind."
     );
     describe_counter!(
+        "mxpace_connection_limit_waits_total",
+        "Times every connection permit was taken (server.max_connections), so that new connections waited."
+    );
+    describe_counter!(
         "mxpace_config_reloads_total",
         "Config reloads by result (ok, error)."
     );
@@ -168,6 +172,10 @@ fn describe() {
 
 pub fn protocol_error(protocol: &'static str, kind: &'static str) {
     counter!("mxpace_protocol_errors_total", "protocol" => protocol, "kind" => kind).increment(1);
+}
+
+pub fn connection_limit_wait() {
+    counter!("mxpace_connection_limit_waits_total").increment(1);
 }
 
 pub fn request(protocol: &'static str, kind: &'static str, took: Duration) {

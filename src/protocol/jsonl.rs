@@ -79,8 +79,18 @@ impl JsonLine {
     }
 
     pub fn parse(&self) -> Result<JsonRequest<'_>, JsonError> {
-        serde_json::from_slice(&self.line).map_err(|e| JsonError::Invalid(e.to_string().into()))
+        parse_request(&self.line)
     }
+}
+
+/// Parses one request line.
+fn parse_request(line: &[u8]) -> Result<JsonRequest<'_>, JsonError> {
+    // serde fills a struct from an array too (`["delivery_report"]` would be a
+    // report); a request is an object and nothing else.
+    if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(JsonError::Invalid("a request is a JSON object".into()));
+    }
+    serde_json::from_slice(line).map_err(|e| JsonError::Invalid(e.to_string().into()))
 }
 
 /// A request object. Every field is optional; which ones a request needs is the
@@ -392,7 +402,7 @@ mod tests {
     }
 
     fn parse(line: &str) -> Result<JsonRequest<'_>, JsonError> {
-        serde_json::from_str(line).map_err(|e| JsonError::Invalid(e.to_string().into()))
+        parse_request(line.as_bytes())
     }
 
     #[test]
@@ -436,6 +446,8 @@ mod tests {
         }
         for bad in [
             r#"[1]"#,
+            r#"["delivery_report"]"#,
+            r#" ["smtpd_access_policy", "a@b.test"]"#,
             r#""x""#,
             r#"{"request":1}"#,
             r#"{"request":"a","request":"b"}"#,

@@ -7,8 +7,9 @@ use crate::config::Config;
 use crate::metrics as m;
 use crate::protocol::{Answer, Kind, Query, Reply};
 use crate::shaping::engine::{
-    domain_of, Action, Admission, Decision, Hold, PolicyVerdict, ReportInput,
+    domain_of, Action, Admission, Decision, Hold, PolicyVerdict, ReportInput, Setup,
 };
+use crate::shaping::site::Site;
 use crate::shaping::{Engine, Stage};
 use crate::store::Store;
 use arc_swap::ArcSwap;
@@ -34,6 +35,17 @@ fn put(scratch: &mut String, args: std::fmt::Arguments<'_>) -> std::ops::Range<u
     let start = scratch.len();
     let _ = scratch.write_fmt(args);
     start..scratch.len()
+}
+
+/// The `action` word of a report's answer, in Postfix's access(5) vocabulary that the
+/// policy protocol already speaks: `DUNNO` (nothing to do), `DEFER` (try again after
+/// `retry_after`), `REJECT` (do not retry).
+pub fn action_word(action: Action) -> &'static str {
+    match action {
+        Action::Ok => "DUNNO",
+        Action::Retry => "DEFER",
+        Action::Bounce => "REJECT",
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for operator-facing texts.
@@ -131,17 +143,19 @@ impl Service {
         scratch: &'s mut String,
     ) -> Answer<'s> {
         let setup = self.engine.setup();
-        let provider = put(
-            scratch,
-            format_args!("{}", setup.classifier.provider_name(d.verdict.provider)),
-        );
+        // The reply may not name its provider (`250 OK`); the destination does.
+        let named = setup.classifier.provider_name(d.verdict.provider);
+        let provider = if named.is_empty() {
+            provider_of(&setup, q.recipient_domain().unwrap_or(""), scratch)
+        } else {
+            Some(put(scratch, format_args!("{named}")))
+        };
         let stage = d.stage.as_str();
-        let _ = q;
         m::decision("delivery_report", d.action.as_str());
         Answer {
-            reply: Reply::Action(d.action.as_str()),
+            reply: Reply::Action(action_word(d.action)),
             class: Some(d.verdict.class),
-            provider: Some(&scratch[provider]),
+            provider: provider.map(|r| &scratch[r]),
             blamed: Some(d.verdict.blamed),
             stage: Some(stage),
             retry_after: Some(d.retry_after as u64),
@@ -238,15 +252,16 @@ impl Service {
                 (rate, conc, Stage::Trusted, 0)
             }
         };
-        let site = put(
-            scratch,
-            format_args!("{}", view.map(|v| v.site.as_str()).unwrap_or("")),
-        );
-        let _ = site;
+        let provider = provider_of(&self.engine.setup(), name, scratch);
         Answer {
-            reply: Reply::Action(if retry > 0 { "suspended" } else { "ok" }),
+            // The same words as a report's answer: mail for a suspended destination waits.
+            reply: Reply::Action(action_word(if retry > 0 {
+                Action::Retry
+            } else {
+                Action::Ok
+            })),
             class: None,
-            provider: None,
+            provider: provider.map(|r| &scratch[r]),
             blamed: None,
             stage: Some(stage.as_str()),
             retry_after: Some(retry),
@@ -254,6 +269,28 @@ impl Service {
             rate: Some(rate),
         }
     }
+}
+
+/// The provider of a recipient or domain, formatted into `scratch`: its configured
+/// site, else the rule files' provider for the domain; `None` for any other domain.
+fn provider_of(setup: &Setup, name: &str, scratch: &mut String) -> Option<std::ops::Range<usize>> {
+    let domain = domain_of(name).unwrap_or(name);
+    if domain.is_empty() {
+        return None;
+    }
+    if let Some(n) = setup
+        .sites
+        .named(domain)
+        .or_else(|| setup.sites.for_domain(domain, &setup.classifier))
+    {
+        return Some(put(
+            scratch,
+            format_args!("{}", setup.label(Site::Named(n))),
+        ));
+    }
+    let id = setup.classifier.provider_for_domain(domain);
+    let named = setup.classifier.provider_name(id);
+    (!named.is_empty()).then(|| put(scratch, format_args!("{named}")))
 }
 
 fn report_input<'a>(q: &Query<'a>) -> ReportInput<'a> {
@@ -273,6 +310,70 @@ fn report_input<'a>(q: &Query<'a>) -> ReportInput<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service() -> Service {
+        let mut config = Config::builtin();
+        config.state.backend = "memory".into();
+        let config = Arc::new(config);
+        let engine = Arc::new(Engine::new(
+            config.clone(),
+            Arc::new(crate::classify::Classifier::builtin()),
+            crate::shaping::EngineClock::fake(1_700_000_000),
+        ));
+        let store = Store::open(&config, &engine, false).unwrap();
+        Service::new(engine, config, store)
+    }
+
+    #[test]
+    fn answers_use_the_policy_vocabulary_and_name_the_provider() {
+        let svc = service();
+        let report = |recipient, reply| Query {
+            kind: Kind::DeliveryReport,
+            name: "delivery_report",
+            recipient: Some(recipient),
+            reply: Some(reply),
+            ..Query::default()
+        };
+        let query = |recipient| Query {
+            kind: Kind::DestinationQuery,
+            name: "destination_query",
+            recipient: Some(recipient),
+            ..Query::default()
+        };
+        // (request, action, provider)
+        let cases: &[(Query<'_>, &str, Option<&str>)] = &[
+            // The reply names no provider; the recipient's domain does.
+            (report("a@gmail.com", "250 2.0.0 OK"), "DUNNO", Some("gmail")),
+            (report("a@yahoo.com", "250 ok"), "DUNNO", Some("yahoo")),
+            (report("a@example.com", "250 ok"), "DUNNO", None),
+            (
+                report("a@gmail.com", "421-4.7.28 Gmail has detected an unusual rate of unsolicited email 421 4.7.28 originating from your IP address. Try again later."),
+                "DEFER",
+                Some("gmail"),
+            ),
+            (query("someone@gmail.com"), "DUNNO", Some("gmail")),
+            (query("outlook.com"), "DUNNO", Some("microsoft")),
+            (query("someone@example.com"), "DUNNO", None),
+        ];
+        for (q, action, provider) in cases {
+            let mut scratch = String::new();
+            let a = svc.handle(q, &mut scratch, &mut Outcome::default());
+            assert_eq!(a.reply, Reply::Action(action), "{q:?}");
+            assert_eq!(a.provider, *provider, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn action_words() {
+        let cases = [
+            (Action::Ok, "DUNNO"),
+            (Action::Retry, "DEFER"),
+            (Action::Bounce, "REJECT"),
+        ];
+        for (action, word) in cases {
+            assert_eq!(action_word(action), word);
+        }
+    }
 
     #[test]
     fn unix_time_format() {
