@@ -24,9 +24,11 @@ pub enum ConfigError {
     },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
-    #[error("{origin}: field `{field}`: {message}")]
+    #[error("{origin}:{}field `{field}`: {message}", line.map(|l| format!(" line {l}: ")).unwrap_or_else(|| " ".into()))]
     Invalid {
         origin: String,
+        /// 1-based line of the field in the file, when it is written there.
+        line: Option<usize>,
         field: String,
         message: String,
     },
@@ -498,7 +500,20 @@ impl Config {
             origin: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate(origin)?;
+        config.validate(origin).map_err(|e| match e {
+            ConfigError::Invalid {
+                origin,
+                field,
+                message,
+                ..
+            } => ConfigError::Invalid {
+                line: locate_field(text, &field),
+                origin,
+                field,
+                message,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -540,6 +555,7 @@ impl Config {
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let bad = |field: &str, message: String| ConfigError::Invalid {
             origin: origin.to_string(),
+            line: None,
             field: field.to_string(),
             message,
         };
@@ -706,6 +722,53 @@ impl Config {
     }
 }
 
+/// The line where a dotted field path (`providers.gmail.start_tier`, `tiers[2].rate`)
+/// is written, by following `[table]` / `[[array]]` headers; `None` when it is not
+/// written (a default) or cannot be found.
+pub fn locate_field(text: &str, path: &str) -> Option<usize> {
+    // Split `tiers[2].rate` into table `tiers`, index 2, key `rate`.
+    let (table, key) = path.rsplit_once('.').unwrap_or(("", path));
+    let (table, index) = match table.split_once('[') {
+        Some((t, rest)) => (t, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (table, None),
+    };
+    let mut current = String::new();
+    let mut seen = 0usize;
+    let mut in_target = table.is_empty();
+    let mut header_line = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            current = h.trim().to_string();
+            if current == table {
+                in_target = index.is_none_or(|want| want == seen);
+                seen += 1;
+                header_line = Some(i + 1);
+            } else {
+                in_target = false;
+            }
+            continue;
+        }
+        if let Some(h) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = h.trim().to_string();
+            in_target = current == table;
+            if in_target {
+                header_line = Some(i + 1);
+            }
+            continue;
+        }
+        if in_target {
+            let k = line.split('=').next().unwrap_or("").trim();
+            if k == key {
+                return Some(i + 1);
+            }
+        }
+    }
+    // The field itself is a table (`providers.gmail`) or is defaulted inside a written table.
+    let _ = current;
+    header_line
+}
+
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddress {
@@ -806,7 +869,7 @@ mod tests {
         let e = Config::from_toml("[[tiers]]\nname = \"a\"\nrate = 0.0\n", "x.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("tiers[0].rate"), "{e}");
+        assert!(e.contains("tiers[0].rate") && e.contains("line 3"), "{e}");
     }
 
     #[test]
