@@ -79,6 +79,15 @@ impl Interner {
             .unwrap_or("")
     }
 
+    /// Every live id.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.name.is_some())
+            .map(|(i, _)| i as u32)
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -111,5 +120,8 @@ mod tests {
         assert_eq!(c, a, "freed slot reused");
         assert_eq!(i.name(c), "c.example");
         assert_eq!(i.len(), 2);
+        assert_eq!(i.ids().collect::<Vec<_>>(), vec![a, b]);
+        i.release(b);
+        assert_eq!(i.ids().collect::<Vec<_>>(), vec![c]);
     }
 }
