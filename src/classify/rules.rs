@@ -9,6 +9,7 @@ use super::types::{Blamed, Class, Enhanced, SmtpStage};
 use super::ProviderId;
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
+use std::collections::HashMap;
 use toml::Spanned;
 
 /// The rule files shipped in the binary, in load order.
@@ -342,6 +343,11 @@ pub(crate) struct Compiled {
     pub providers: Vec<Provider>,
     pub tokens: Vec<Token>,
     pub prefilter: Prefilter,
+    /// Lowercase recipient domains without wildcards → their (first) provider: the
+    /// per-report domain lookup is one hash probe instead of a glob per pattern.
+    pub exact_domains: HashMap<Box<str>, ProviderId>,
+    /// Some provider lists a domain pattern with `*`: lookups must try the globs.
+    pub wild_domains: bool,
 }
 
 struct Pending {
@@ -623,11 +629,27 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
     }
     let prefilter = prefilter::build(&inputs, rules.len());
 
+    let mut exact_domains = HashMap::new();
+    let mut wild_domains = false;
+    for (i, p) in providers.iter().enumerate().skip(1) {
+        for g in &p.domains {
+            if g.0.contains('*') {
+                wild_domains = true;
+            } else {
+                exact_domains
+                    .entry(g.0.clone())
+                    .or_insert(ProviderId(i as u16));
+            }
+        }
+    }
+
     Ok(Compiled {
         rules,
         providers,
         tokens,
         prefilter,
+        exact_domains,
+        wild_domains,
     })
 }
 
