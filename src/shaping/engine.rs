@@ -6,7 +6,7 @@
 //! concurrent by themselves.
 
 use super::clock::EngineClock;
-use super::intern::Interner;
+use super::intern::{IdMap, Interner};
 use super::site::{Site, SiteTable};
 use super::stage::Stage;
 use super::state::{self, DestState, Effect, Params, TierSpec};
@@ -367,7 +367,7 @@ struct Circuit {
 
 #[derive(Default)]
 struct Inner {
-    index: HashMap<u64, u32>,
+    index: IdMap<u32>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     domains: Interner,
