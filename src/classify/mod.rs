@@ -475,6 +475,21 @@ impl Classifier {
         if domain.is_empty() {
             return ProviderId::NONE;
         }
+        let d = domain.trim_end_matches('.');
+        let mut buf = [0u8; 256];
+        if !self.inner.wild_domains && d.len() <= buf.len() {
+            for (o, i) in buf.iter_mut().zip(d.as_bytes()) {
+                *o = i.to_ascii_lowercase();
+            }
+            if let Ok(lower) = std::str::from_utf8(&buf[..d.len()]) {
+                return self
+                    .inner
+                    .exact_domains
+                    .get(lower)
+                    .copied()
+                    .unwrap_or(ProviderId::NONE);
+            }
+        }
         rules::provider_index(&self.inner.providers, |p| {
             p.domains.iter().any(|g| g.matches(domain))
         })

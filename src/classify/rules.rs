@@ -10,6 +10,7 @@ use super::ProviderId;
 use regex_automata::meta::{self, Regex};
 use regex_automata::util::syntax;
 use serde::Deserialize;
+use std::collections::HashMap;
 use toml::Spanned;
 
 /// The rule files shipped in the binary, in load order.
@@ -363,6 +364,11 @@ pub(crate) struct Compiled {
     pub providers: Vec<Provider>,
     pub tokens: Vec<Token>,
     pub prefilter: Prefilter,
+    /// Lowercase recipient domains without wildcards → their (first) provider: the
+    /// per-report domain lookup is one hash probe instead of a glob per pattern.
+    pub exact_domains: HashMap<Box<str>, ProviderId>,
+    /// Some provider lists a domain pattern with `*`: lookups must try the globs.
+    pub wild_domains: bool,
 }
 
 struct Pending {
@@ -642,11 +648,28 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
     }
     let prefilter = prefilter::build(&inputs, rules.len(), tokens.len());
 
+    let mut exact_domains = HashMap::new();
+    let mut wild_domains = false;
+    for (i, p) in providers.iter().enumerate().skip(1) {
+        for g in &p.domains {
+            match g {
+                Glob::Exact(name) => {
+                    exact_domains
+                        .entry(name.clone())
+                        .or_insert(ProviderId(i as u16));
+                }
+                _ => wild_domains = true,
+            }
+        }
+    }
+
     Ok(Compiled {
         rules,
         providers,
         tokens,
         prefilter,
+        exact_domains,
+        wild_domains,
     })
 }
 

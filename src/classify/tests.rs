@@ -195,9 +195,26 @@ fn providers_by_mx_domain_and_token() {
         ("aol.com", "yahoo"),
         ("icloud.com", "apple"),
         ("web.de", "gmx"),
+        ("gmail.com.", "gmail"),
+        (" Web.DE ", "gmx"),
         ("example.com", ""),
+        ("mail.gmail.com", ""),
     ] {
         assert_eq!(name(c.provider_for_domain(domain)), want, "{domain}");
+    }
+    // A wildcard domain pattern: the globs are tried, in provider order.
+    let wild = "[provider]\nname = \"acme\"\ndescription = \"x\"\nmx = []\ndomains = [\"*.acme.example\", \"acme.example\"]\n";
+    let mut sources = BUILTIN_SOURCES.to_vec();
+    sources.push(("acme.toml", wild));
+    let w = Classifier::from_sources(&sources).unwrap();
+    let wname = |p: ProviderId| w.provider_name(p).to_string();
+    for (domain, want) in [
+        ("eu.ACME.example", "acme"),
+        ("acme.example", "acme"),
+        ("gmail.com", "gmail"),
+        ("example.com", ""),
+    ] {
+        assert_eq!(wname(w.provider_for_domain(domain)), want, "{domain}");
     }
     assert_eq!(c.provider_name(ProviderId::NONE), "");
     assert!(c.provider_count() >= 8);

@@ -6,7 +6,7 @@
 //! concurrent by themselves.
 
 use super::clock::EngineClock;
-use super::intern::Interner;
+use super::intern::{IdMap, Interner};
 use super::site::{Site, SiteTable};
 use super::stage::Stage;
 use super::state::{self, DestState, Effect, Params, TierSpec};
@@ -367,7 +367,7 @@ struct Circuit {
 
 #[derive(Default)]
 struct Inner {
-    index: HashMap<u64, u32>,
+    index: IdMap<u32>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     domains: Interner,
@@ -1070,16 +1070,24 @@ impl Engine {
         };
         let sk = site.key() as u64;
         let mut until = 0;
-        // A site has few identities; the index is keyed by (site, identity).
-        for id in inner
-            .index
-            .iter()
-            .filter(|(k, _)| *k >> 32 == sk)
-            .map(|(_, s)| *s)
-        {
-            let st = &inner.slots[id as usize].state;
+        let mut note = |slot: u32| {
+            let st = &inner.slots[slot as usize].state;
             if st.is_suspended(now) {
                 until = until.max(st.suspended_until);
+            }
+        };
+        // The index is keyed by (site, identity) and there are few identities (pools,
+        // IPs, blamed domains) but up to a million destinations: look up the site's key
+        // for each identity instead of scanning every destination on every request.
+        if inner.identities.len() < inner.index.len() / 4 {
+            for id in inner.identities.ids() {
+                if let Some(&slot) = inner.index.get(&key_of(site, id)) {
+                    note(slot);
+                }
+            }
+        } else {
+            for (_, &slot) in inner.index.iter().filter(|(k, _)| *k >> 32 == sk) {
+                note(slot);
             }
         }
         if until > now {
@@ -1652,6 +1660,49 @@ mod tests {
             }
         }
         assert_eq!(routed, 200);
+    }
+
+    #[test]
+    fn policy_finds_a_suspended_site_among_many_destinations() {
+        // One sending IP (few identities: looked up per identity) and one IP per
+        // destination (as many identities as destinations: scanned).
+        for ips in [1, 40] {
+            let e = engine("");
+            for i in 0..40 {
+                let rcpt = format!("u@d{i}.example");
+                let ip = format!("192.0.2.{}", i % ips);
+                e.report(&ReportInput {
+                    reply: "250 2.0.0 OK",
+                    recipient: Some(&rcpt),
+                    source_ip: Some(&ip),
+                    ..Default::default()
+                });
+            }
+            e.suspend("d7.example", 600).unwrap();
+            assert!(
+                matches!(
+                    e.policy("x@D7.example", true),
+                    PolicyVerdict::Suspended { ref site, .. } if site == "d7.example"
+                ),
+                "{ips} IPs"
+            );
+            assert_eq!(
+                e.policy("x@d8.example", true),
+                PolicyVerdict::Dunno,
+                "{ips} IPs"
+            );
+            assert_eq!(
+                e.policy("x@d99.example", true),
+                PolicyVerdict::Dunno,
+                "{ips} IPs"
+            );
+            e.resume("d7.example").unwrap();
+            assert_eq!(
+                e.policy("x@d7.example", true),
+                PolicyVerdict::Dunno,
+                "{ips} IPs"
+            );
+        }
     }
 
     #[test]

@@ -4,52 +4,90 @@
 //! destination naming an id is evicted, the id and its string are freed for reuse, so
 //! a flood of random domains cannot grow this table without bound.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use hashbrown::HashTable;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
+/// A map keyed by packed ids (`site << 32 | identity`), hashed by one multiply.
+///
+/// SipHash was a tenth of a decision; ids are handed out here, never chosen by a
+/// client, so a keyed hash buys nothing for these keys.
+pub type IdMap<V> = std::collections::HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        // Fold the high half of the product down: the table indexes by the low bits,
+        // which a multiply alone leaves depending only on the key's low bits (the identity).
+        let h = (self.0 ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 32);
+    }
+}
+
+/// Each name is stored once, in its slot; the table holds only ids and finds them by
+/// hashing the slot's name. With a million destinations, each a recipient domain, a
+/// `HashMap<Arc<str>, u32>` beside the slots cost 110 bytes per name; this is about 55.
 #[derive(Default, Debug)]
 pub struct Interner {
-    ids: HashMap<Arc<str>, u32>,
+    ids: HashTable<u32>,
+    /// SipHash with a random key: names come from recipients, i.e. from outside.
+    hasher: RandomState,
     slots: Vec<Slot>,
     free: Vec<u32>,
 }
 
 #[derive(Debug)]
 struct Slot {
-    name: Option<Arc<str>>,
+    name: Option<Box<str>>,
     refs: u32,
 }
 
 impl Interner {
     /// The id of `name`, without creating it.
     pub fn get(&self, name: &str) -> Option<u32> {
-        self.ids.get(name).copied()
+        let h = self.hasher.hash_one(name);
+        self.ids
+            .find(h, |&id| {
+                self.slots[id as usize].name.as_deref() == Some(name)
+            })
+            .copied()
     }
 
     /// The id of `name`, created on first use; takes one reference.
     pub fn acquire(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.ids.get(name) {
+        if let Some(id) = self.get(name) {
             self.slots[id as usize].refs += 1;
             return id;
         }
-        let name: Arc<str> = Arc::from(name);
+        let slot = Slot {
+            name: Some(name.into()),
+            refs: 1,
+        };
         let id = match self.free.pop() {
             Some(id) => {
-                self.slots[id as usize] = Slot {
-                    name: Some(name.clone()),
-                    refs: 1,
-                };
+                self.slots[id as usize] = slot;
                 id
             }
             None => {
-                self.slots.push(Slot {
-                    name: Some(name.clone()),
-                    refs: 1,
-                });
+                self.slots.push(slot);
                 (self.slots.len() - 1) as u32
             }
         };
-        self.ids.insert(name, id);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.ids.insert_unique(hasher.hash_one(name), id, |&i| {
+            hasher.hash_one(slots[i as usize].name.as_deref().unwrap_or(""))
+        });
         id
     }
 
@@ -66,7 +104,10 @@ impl Interner {
         slot.refs = slot.refs.saturating_sub(1);
         if slot.refs == 0 {
             if let Some(name) = slot.name.take() {
-                self.ids.remove(&name);
+                let h = self.hasher.hash_one(&*name);
+                if let Ok(entry) = self.ids.find_entry(h, |&i| i == id) {
+                    entry.remove();
+                }
                 self.free.push(id);
             }
         }
@@ -79,6 +120,15 @@ impl Interner {
             .unwrap_or("")
     }
 
+    /// Every live id.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.name.is_some())
+            .map(|(i, _)| i as u32)
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -88,13 +138,34 @@ impl Interner {
     }
 
     pub fn shrink_to_fit(&mut self) {
-        self.ids.shrink_to_fit();
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.ids
+            .shrink_to_fit(|&i| hasher.hash_one(slots[i as usize].name.as_deref().unwrap_or("")));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_hash_spreads_sites_with_the_same_identity() {
+        let hash = |k: u64| {
+            let mut h = IdHasher::default();
+            h.write_u64(k);
+            h.finish()
+        };
+        // 4096 sites × one identity: the low 12 bits (a 4096-bucket table) must differ.
+        let buckets: std::collections::HashSet<u64> =
+            (0..4096u64).map(|s| hash(s << 32 | 7) & 0xFFF).collect();
+        assert!(buckets.len() > 2048, "{} distinct buckets", buckets.len());
+        let mut m: IdMap<u32> = IdMap::default();
+        for k in 0..1000u64 {
+            m.insert(k << 32 | 1, k as u32);
+        }
+        assert_eq!(m.get(&(999 << 32 | 1)), Some(&999));
+        assert_eq!(m.get(&(999 << 32 | 2)), None);
+    }
 
     #[test]
     fn ids_are_reused_after_release() {
@@ -111,5 +182,8 @@ mod tests {
         assert_eq!(c, a, "freed slot reused");
         assert_eq!(i.name(c), "c.example");
         assert_eq!(i.len(), 2);
+        assert_eq!(i.ids().collect::<Vec<_>>(), vec![a, b]);
+        i.release(b);
+        assert_eq!(i.ids().collect::<Vec<_>>(), vec![c]);
     }
 }
