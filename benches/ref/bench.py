@@ -306,8 +306,9 @@ def run_callgrind(shaping):
             env = dict(os.environ, MXPACE_SHAPING_CASE=case, MXPACE_SHAPING_ITERS=str(iters))
             r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                                 shaping, "--bench"], env=env, capture_output=True, text=True)
-            m = re.search(r"Collected : (\d+)", r.stderr)
-            irs.append(int(m.group(1)) if m else None)
+            # One line per process valgrind followed; the bench itself is the largest.
+            counts = [int(c) for c in re.findall(r"Collected : (\d+)", r.stderr)]
+            irs.append(max(counts) if counts else None)
         if None not in irs:
             out[case] = (irs[1] - irs[0]) / n
             log(f"callgrind {case}: {out[case]:.0f} instructions/decision")
