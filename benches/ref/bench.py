@@ -175,14 +175,17 @@ def start_postfwd1(tmp, n):
 STARTERS = {"mxpace": start_mxpace, "baseline": start_baseline, "postfwd1": start_postfwd1}
 
 # (key, server, protocol, connections, depth, prime): `prime` runs delivery reports
-# first so that policy requests meet tracked destinations, as in production.
+# first so that policy requests meet tracked destinations, as in production. Keys
+# ending in `_ok` send only successful deliveries (no suppression to make durable).
 SCENARIOS = [
     ("baseline_policy_c16", "baseline", "policy", 16, 1, False),
+    ("baseline_policy_c16_d16", "baseline", "policy", 16, 16, False),
     ("baseline_policy_c1", "baseline", "policy", 1, 1, False),
     ("mxpace_policy_c16", "mxpace", "policy", 16, 1, True),
+    ("mxpace_policy_c16_d16", "mxpace", "policy", 16, 16, True),
     ("mxpace_policy_c1", "mxpace", "policy", 1, 1, True),
-    ("mxpace_policy_c16_d8", "mxpace", "policy", 16, 8, True),
     ("mxpace_report_c16", "mxpace", "report", 16, 1, False),
+    ("mxpace_report_ok_c16", "mxpace", "report", 16, 1, False),
     ("mxpace_report_c1", "mxpace", "report", 1, 1, False),
     ("mxpace_status_c16", "mxpace", "status", 16, 1, False),
     ("mxpace_transport_c16", "mxpace", "transport", 16, 1, True),
@@ -193,10 +196,11 @@ SCENARIOS = [
 
 
 def loadgen(server, protocol, conns, depth, duration, warmup, label=""):
+    extra = ["--delivered", "1"] if label.endswith("_ok_c16") else []
     cmd = [os.path.join(REL, "mxpace-loadgen"), "--target", server.addr, "--protocol", protocol,
            "-c", str(conns), "-d", str(depth), "--duration", str(duration),
            "--warmup", str(warmup), "--domains", str(DOMAINS), "--json", "--label", label,
-           "--data", DATA]
+           "--data", DATA] + extra
     if server.pid:
         cmd += ["--pid", str(server.pid)]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -302,8 +306,9 @@ def run_callgrind(shaping):
             env = dict(os.environ, MXPACE_SHAPING_CASE=case, MXPACE_SHAPING_ITERS=str(iters))
             r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                                 shaping, "--bench"], env=env, capture_output=True, text=True)
-            m = re.search(r"Collected : (\d+)", r.stderr)
-            irs.append(int(m.group(1)) if m else None)
+            # One line per process valgrind followed; the bench itself is the largest.
+            counts = [int(c) for c in re.findall(r"Collected : (\d+)", r.stderr)]
+            irs.append(max(counts) if counts else None)
         if None not in irs:
             out[case] = (irs[1] - irs[0]) / n
             log(f"callgrind {case}: {out[case]:.0f} instructions/decision")
@@ -384,7 +389,7 @@ def render(lg, eng, cg, sis, started, finished):
     w("")
     w(f"- Machine: {os.cpu_count()} × {cpu}, {mem} RAM, Linux {platform.release()}; {rustc}; mxpace at `{rev}`.")
     w(f"- Date: {started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC. Load average (1/5/15 min) before the run: "
-      f"{lg_load_first(lg, eng)}; each figure's runs list theirs in `raw.jsonl` terms below.")
+      f"{lg_load_first(lg, eng)}; the server table lists the load at the start of each run.")
     w(f"- Each figure: **median (min – max) over {RUNS} runs**; loopback, the load generator on the same "
       f"2 cores as the server, closed loop, {DURATION:g} s measured after {WARMUP:g} s warm-up, "
       f"recipients over {DOMAINS} domains × 100 local parts; delivery reports are 70 % `250 2.0.0 Ok` "
@@ -400,7 +405,8 @@ def render(lg, eng, cg, sis, started, finished):
         rs = lg.get(key)
         if not rs:
             continue
-        name = f"{server} {protocol}" + (" (tracked destinations)" if prime else "")
+        name = f"{server} {protocol}" + (" (tracked destinations)" if prime else "") + \
+            (" (deliveries only)" if "_ok_" in key else "")
         w(f"| {name} | {conns} × {depth} | {mmm([r.get('rps') for r in rs])} | "
           f"{mmm([r.get('p50_us') for r in rs], '{:,.1f}')} | {mmm([r.get('p99_us') for r in rs], '{:,.1f}')} | "
           f"{mmm([r.get('p999_us') for r in rs], '{:,.1f}')} | {mmm([r.get('rss_kib') for r in rs])} | "
@@ -413,6 +419,7 @@ def render(lg, eng, cg, sis, started, finished):
     mx16, pf16, base16 = m("mxpace_policy_c16", "rps"), m("postfwd1_policy_c16", "rps"), m("baseline_policy_c16", "rps")
     mxp99, pfp99 = m("mxpace_policy_c16", "p99_us"), m("postfwd1_policy_c16", "p99_us")
     rep16 = m("mxpace_report_c16", "rps")
+    mxd16, based16 = m("mxpace_policy_c16_d16", "rps"), m("baseline_policy_c16_d16", "rps")
     p50c1 = m("mxpace_policy_c1", "p50_us")
     cls = med([x["rps"] for x in eng.get("classify", [])])
     sisr = med([x["rps"] for x in sis])
@@ -430,6 +437,7 @@ def render(lg, eng, cg, sis, started, finished):
     w(f"| mxpace / postfwd1 throughput, policy, 16 connections | {ratio(mx16, pf16)} |")
     w(f"| postfwd1 / mxpace p99, policy, 16 connections (higher = mxpace faster) | {ratio(pfp99, mxp99)} |")
     w(f"| mxpace / do-nothing ceiling, policy, 16 connections | {ratio(mx16, base16, '{:.0%}') if mx16 and base16 else '–'} |")
+    w(f"| mxpace / do-nothing ceiling, policy, 16 connections × 16 pipelined | {ratio(mxd16, based16, '{:.0%}') if mxd16 and based16 else '–'} |")
     w(f"| delivery reports / policy throughput, 16 connections | {ratio(rep16, mx16, '{:.0%}') if rep16 and mx16 else '–'} |")
     w(f"| mxpace classifier / Sisimai, replies/s on one core | {ratio(cls, sisr)} |")
     w("")
@@ -465,8 +473,11 @@ def render(lg, eng, cg, sis, started, finished):
     w("|---|---|---|")
     rows = [
         ("≥ 150,000 policy req/s at 16 connections", f"{mx16:,.0f}" if mx16 else "–", mx16 and mx16 >= 150_000),
+        ("(the same, 16 connections × 16 pipelined)", f"{mxd16:,.0f}" if mxd16 else "–", mxd16 and mxd16 >= 150_000),
         ("≥ 80 % of the do-nothing ceiling", ratio(mx16, base16, '{:.0%}') if mx16 and base16 else "–",
          mx16 and base16 and mx16 >= 0.8 * base16),
+        ("(the same, 16 connections × 16 pipelined)", ratio(mxd16, based16, '{:.0%}') if mxd16 and based16 else "–",
+         mxd16 and based16 and mxd16 >= 0.8 * based16),
         ("≥ 25× postfwd", ratio(mx16, pf16), mx16 and pf16 and mx16 >= 25 * pf16),
         ("p99 ≤ 200 µs at 16 connections", f"{mxp99:,.0f} µs" if mxp99 else "–", mxp99 and mxp99 <= 200),
         ("one-connection p50 ≤ 40 µs", f"{p50c1:,.1f} µs" if p50c1 else "–", p50c1 and p50c1 <= 40),
