@@ -87,6 +87,14 @@ fn limits(config: &Config) -> Limits {
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let config = Arc::new(load_config(&opts)?);
     let classifier = Arc::new(load_classifier(&config)?);
+    // The recorder first: the engine registers its counter handles when it is built.
+    if !config.metrics.listen.is_empty() {
+        let addr = config.metrics.listen.parse().context("metrics.listen")?;
+        let bound = crate::metrics::install(addr)
+            .await
+            .with_context(|| format!("starting metrics endpoint on {addr}"))?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     let engine = Arc::new(Engine::new(config.clone(), classifier, EngineClock::real()));
     let store = Store::open(&config, &engine, opts.quarantine_bad_state)?;
     if config.shaping.mx_rollup {
@@ -119,13 +127,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    if !config.metrics.listen.is_empty() {
-        let addr = config.metrics.listen.parse().context("metrics.listen")?;
-        let bound = crate::metrics::install(addr)
-            .await
-            .with_context(|| format!("starting metrics endpoint on {addr}"))?;
-        tracing::info!("metrics on http://{bound}/metrics");
-    }
     if !config.admin.listen.is_empty() {
         let a = crate::admin::spawn(
             &config.admin.listen,

@@ -188,9 +188,54 @@ pub fn decision(kind: &'static str, action: &'static str) {
     counter!("mxpace_decisions_total", "kind" => kind, "action" => action).increment(1);
 }
 
-pub fn reply(site: &'static str, class: &'static str, outcome: &'static str) {
-    counter!("mxpace_replies_total", "site" => site, "class" => class).increment(1);
-    counter!("mxpace_outcomes_total", "site" => site, "outcome" => outcome).increment(1);
+/// Outcome of a reply for `mxpace_outcomes_total`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered = 0,
+    Deferred = 1,
+    Rejected = 2,
+}
+
+const OUTCOMES: [&str; 3] = ["delivered", "deferred", "rejected"];
+
+/// Counter handles for every (site label × class) and (site label × outcome), registered
+/// once per config load: the per-report path then only increments atomics, with no label
+/// vector built and no registry lookup. Handles made before the recorder is installed
+/// count nowhere, so the daemon installs the recorder before it builds the engine.
+pub struct ReplyCounters {
+    replies: Vec<metrics::Counter>,
+    outcomes: Vec<metrics::Counter>,
+}
+
+impl ReplyCounters {
+    pub fn new(site_labels: &[&'static str]) -> ReplyCounters {
+        let classes = crate::classify::Class::ALL;
+        let mut replies = Vec::with_capacity(site_labels.len() * classes.len());
+        let mut outcomes = Vec::with_capacity(site_labels.len() * OUTCOMES.len());
+        for &site in site_labels {
+            for class in classes {
+                replies.push(
+                    counter!("mxpace_replies_total", "site" => site, "class" => class.as_str()),
+                );
+            }
+            for outcome in OUTCOMES {
+                outcomes
+                    .push(counter!("mxpace_outcomes_total", "site" => site, "outcome" => outcome));
+            }
+        }
+        ReplyCounters { replies, outcomes }
+    }
+
+    /// Counts one reply; `site` is the index into the labels given to `new`.
+    pub fn count(&self, site: usize, class: crate::classify::Class, outcome: Outcome) {
+        let n = crate::classify::Class::ALL.len();
+        if let Some(c) = self.replies.get(site * n + class as usize) {
+            c.increment(1);
+        }
+        if let Some(c) = self.outcomes.get(site * OUTCOMES.len() + outcome as usize) {
+            c.increment(1);
+        }
+    }
 }
 
 pub fn reload(ok: bool) {

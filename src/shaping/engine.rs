@@ -162,6 +162,7 @@ pub struct Setup {
     /// Metric label of each named site; index 0 is `other`. Leaked once per config load
     /// (a handful of short names) so that labels never allocate per request.
     labels: Vec<&'static str>,
+    counters: crate::metrics::ReplyCounters,
     default_pool: String,
     mailbox_full: (u32, u64),
 }
@@ -266,6 +267,7 @@ impl Setup {
         }
         let defaults = &config.shaping.defaults;
         Setup {
+            counters: crate::metrics::ReplyCounters::new(&labels),
             labels,
             default_pool: config.shaping.default_pool.clone(),
             mailbox_full: (
@@ -627,11 +629,15 @@ impl Engine {
         };
         let class = verdict.class;
         let outcome = match (class, verdict.permanent) {
-            (Class::Delivered, _) => "delivered",
-            (_, true) => "rejected",
-            (_, false) => "deferred",
+            (Class::Delivered, _) => crate::metrics::Outcome::Delivered,
+            (_, true) => crate::metrics::Outcome::Rejected,
+            (_, false) => crate::metrics::Outcome::Deferred,
         };
-        crate::metrics::reply(setup.label(site), class.as_str(), outcome);
+        let label_index = match site {
+            Site::Named(n) if (n as usize) < setup.labels.len() => n as usize,
+            _ => 0,
+        };
+        setup.counters.count(label_index, class, outcome);
 
         // Recipient-level outcomes: the suppression list, not the destination.
         if let Some(rcpt) = r.recipient {
