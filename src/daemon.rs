@@ -89,6 +89,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let classifier = Arc::new(load_classifier(&config)?);
     let engine = Arc::new(Engine::new(config.clone(), classifier, EngineClock::real()));
     let store = Store::open(&config, &engine, opts.quarantine_bad_state)?;
+    store.wait_ready().await;
     let service = Arc::new(Service::new(engine.clone(), config.clone(), store.clone()));
 
     // Bind everything before announcing anything: a half-started daemon helps no one.

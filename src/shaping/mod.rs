@@ -21,4 +21,5 @@ pub use clock::EngineClock;
 pub use engine::{
     Action, Admission, Decision, DestinationView, Engine, Hold, PolicyVerdict, ReportInput,
 };
+pub use engine::{AdmitPlan, Shared};
 pub use stage::Stage;
