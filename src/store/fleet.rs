@@ -53,6 +53,9 @@ const MAX_PENDING: usize = 200_000;
 const BATCH: usize = 256;
 /// Destinations whose last shared (tier, ceiling, stage) is remembered to skip echoes.
 const MAX_REMEMBERED: usize = 200_000;
+/// An outage lasts at least this long, so a Redis that answers only now and then
+/// does not flip every decision between shared and local (nor flood the log).
+const MIN_OUTAGE: Duration = Duration::from_secs(1);
 /// How long a start waits for the first join before serving on local limits.
 const JOIN_WAIT: Duration = Duration::from_secs(2);
 /// Rate keys outlive their last use by this long, so a destination idle for less keeps
@@ -228,7 +231,7 @@ impl Fleet {
             gcra: Script::new(GCRA_LUA),
             tx,
             joined: Notify::new(),
-            outage_since: std::sync::Mutex::new(Some(Instant::now())),
+            outage_since: std::sync::Mutex::new(None),
         });
         let task = SyncTask {
             fleet: fleet.clone(),
@@ -572,8 +575,14 @@ impl SyncTask {
         let Some(mut conn) = self.fleet.conn.get().cloned() else {
             return;
         };
+        if let Some(since) = *self.fleet.outage_since.lock().unwrap() {
+            if since.elapsed() < MIN_OUTAGE {
+                return;
+            }
+        }
+        // Back only when Redis answers within the bound every decision is held to.
         let ping = tokio::time::timeout(
-            self.fleet.timeout.max(Duration::from_millis(250)),
+            self.fleet.timeout,
             ::redis::cmd("PING").query_async::<String>(&mut conn),
         )
         .await;
