@@ -1781,6 +1781,64 @@ mod tests {
     }
 
     #[test]
+    fn shared_changes_never_shorten_a_suspension_unless_resumed() {
+        let e = engine("[providers.gmail]\ndomains = [\"gmail.test\"]\n");
+        let now = e.clock().unix_now();
+        let rec = |until: u64, tier: &str| DestRecord {
+            site: "gmail".into(),
+            identity: "default".into(),
+            tier: tier.into(),
+            ceiling: None,
+            stage: Stage::Rejecting as u8,
+            suspensions: 1,
+            streak: 0,
+            deferrals: 0,
+            suspended_until: until,
+            last_seen: now,
+            counts: [0; 4],
+        };
+        let suspended = |e: &Engine| {
+            matches!(
+                e.policy("a@gmail.test", true),
+                PolicyVerdict::Suspended { .. }
+            )
+        };
+        // (change, suspended afterwards)
+        let steps: Vec<(Shared, bool)> = vec![
+            (Shared::Suspend(rec(now + 600, "t1")), true),
+            (Shared::Suspend(rec(now + 10, "t1")), true),
+            (Shared::Adaptive(rec(0, "t3")), true),
+            (Shared::Resume(rec(0, "t1")), false),
+            (Shared::Suspend(rec(now.saturating_sub(5), "t1")), false),
+        ];
+        for (i, (change, want)) in steps.into_iter().enumerate() {
+            assert_eq!(e.apply_shared(vec![change]), 1, "step {i}");
+            assert_eq!(suspended(&e), want, "step {i}");
+        }
+        e.clock().advance(Duration::from_secs(11));
+        assert_eq!(
+            e.apply_shared(vec![Shared::Suspend(rec(now + 600, "t1"))]),
+            1
+        );
+        assert!(suspended(&e), "the later end wins");
+        let s = Suppression {
+            since: now,
+            class: Class::RecipientUnknown,
+            reply: "550 5.1.1".into(),
+        };
+        assert_eq!(
+            e.apply_shared(vec![Shared::Suppress("X@Example.org".into(), s)]),
+            1
+        );
+        assert!(e.suppression("x@example.org").is_some());
+        assert_eq!(
+            e.apply_shared(vec![Shared::Unsuppress("x@example.org".into())]),
+            1
+        );
+        assert!(e.suppression("x@example.org").is_none());
+    }
+
+    #[test]
     fn eviction_bounds_destinations() {
         let e = engine("[shaping]\nmax_destinations = 64\n");
         for i in 0..1000 {
