@@ -112,6 +112,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             resolver,
         ));
     }
+    store.wait_ready().await;
     let service = Arc::new(Service::new(engine.clone(), config.clone(), store.clone()));
 
     // Handlers first: scripts signal as soon as `listening on` appears, and an

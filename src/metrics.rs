@@ -168,6 +168,7 @@ fn describe() {
         "mxpace_store_errors_total",
         "Failed writes to the state store."
     );
+    describe_fleet();
 }
 
 pub fn protocol_error(protocol: &'static str, kind: &'static str) {
@@ -321,4 +322,53 @@ pub fn export_destinations(engine: &Engine) {
         }
     }
     *prev = Some(now);
+}
+
+fn describe_fleet() {
+    describe_gauge!(
+        "mxpace_fleet_connected",
+        "Fleet mode: 1 while the shared Redis answers, 0 while this instance uses local limits."
+    );
+    describe_counter!(
+        "mxpace_fleet_fallbacks_total",
+        "Fleet mode: outages of the shared Redis (each one switched this instance to local limits)."
+    );
+    describe_counter!(
+        "mxpace_fleet_admissions_total",
+        "Fleet mode: rate decisions by where they were taken (redis, or local during an outage)."
+    );
+    describe_counter!(
+        "mxpace_fleet_events_total",
+        "Fleet mode: shared changes (suppressions, suspensions, stages) sent to and received from the fleet."
+    );
+}
+
+/// Fleet mode: whether the shared Redis answers; registers the fleet series at 0.
+pub fn fleet_connected(up: bool) {
+    gauge!("mxpace_fleet_connected").set(if up { 1.0 } else { 0.0 });
+    counter!("mxpace_fleet_fallbacks_total").increment(0);
+    for via in ["redis", "local"] {
+        counter!("mxpace_fleet_admissions_total", "via" => via).increment(0);
+    }
+    for direction in ["sent", "received"] {
+        counter!("mxpace_fleet_events_total", "direction" => direction).increment(0);
+    }
+}
+
+/// Fleet mode: an outage began; decisions are local until Redis answers again.
+pub fn fleet_fallback() {
+    counter!("mxpace_fleet_fallbacks_total").increment(1);
+    gauge!("mxpace_fleet_connected").set(0.0);
+}
+
+/// Fleet mode: one rate decision, taken in Redis (`true`) or locally.
+pub fn fleet_admission(shared: bool) {
+    counter!("mxpace_fleet_admissions_total", "via" => if shared { "redis" } else { "local" })
+        .increment(1);
+}
+
+/// Fleet mode: shared changes sent (`true`) or received.
+pub fn fleet_events(sent: bool, n: usize) {
+    counter!("mxpace_fleet_events_total", "direction" => if sent { "sent" } else { "received" })
+        .increment(n as u64);
 }

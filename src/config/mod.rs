@@ -702,6 +702,26 @@ impl Config {
                 format!("{:?} must be embedded, redis or memory", self.state.backend),
             ));
         }
+        if self.state.backend == "redis" {
+            // This build speaks plain TCP and Unix sockets to Redis (no TLS).
+            let url = self.state.redis_url.as_str();
+            if !["redis://", "unix://", "redis+unix://"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                return Err(bad(
+                    "state.redis_url",
+                    format!("{url:?} must start with redis://, unix:// or redis+unix://"),
+                ));
+            }
+            let t = self.state.redis_timeout.get();
+            if t.is_zero() || t > std::time::Duration::from_secs(5) {
+                return Err(bad(
+                    "state.redis_timeout",
+                    "must be above 0 and at most 5s: every rate decision may wait this long".into(),
+                ));
+            }
+        }
         if self.warmup.enabled {
             parse_date(&self.warmup.start_date).ok_or_else(|| {
                 bad(
@@ -870,6 +890,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tiers[0].rate") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn fleet_settings_are_checked() {
+        let cases = [
+            ("redis_url = \"redis://10.0.0.5:6379/0\"", None),
+            ("redis_url = \"unix:///run/redis.sock\"", None),
+            (
+                "redis_url = \"rediss://r.example/\"",
+                Some("state.redis_url"),
+            ),
+            ("redis_url = \"10.0.0.5:6379\"", Some("state.redis_url")),
+            ("redis_timeout = \"0s\"", Some("state.redis_timeout")),
+            ("redis_timeout = \"30s\"", Some("state.redis_timeout")),
+        ];
+        for (line, field) in cases {
+            let toml = format!("[state]\nbackend = \"redis\"\n{line}\n");
+            match (Config::from_toml(&toml, "x"), field) {
+                (Ok(_), None) => {}
+                (Err(e), Some(f)) => assert!(e.to_string().contains(f), "{line}: {e}"),
+                (r, f) => panic!("{line}: {r:?}, expected an error on {f:?}"),
+            }
+        }
+        // Only fleet mode looks at them.
+        assert!(Config::from_toml("[state]\nredis_url = \"x\"\n", "x").is_ok());
     }
 
     #[test]

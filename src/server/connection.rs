@@ -279,7 +279,9 @@ pub async fn serve_connection<S>(
                 Ok(request) => {
                     let query = request.query();
                     let mut outcome = Outcome::default();
-                    let answer = service.handle(&query, &mut scratch, &mut outcome);
+                    let answer = service
+                        .handle_async(&query, &mut scratch, &mut outcome)
+                        .await;
                     if matches!(query.kind, crate::protocol::Kind::Unknown) {
                         m::protocol_error(label, "unknown_request");
                         tracing::warn!(

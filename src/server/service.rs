@@ -185,50 +185,34 @@ impl Service {
         Answer::not_found()
     }
 
-    fn transport_answer<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
-        let Some(rcpt) = q.recipient.or(q.key) else {
-            return Answer::not_found();
-        };
-        if domain_of(rcpt).is_none() {
-            return Answer::not_found();
+    /// Answers one request like [`Service::handle`]; in fleet mode a transport lookup
+    /// takes its token from the shared Redis (one round trip, at most `redis_timeout`).
+    pub async fn handle_async<'s>(
+        &self,
+        q: &Query<'_>,
+        scratch: &'s mut String,
+        out: &mut Outcome,
+    ) -> Answer<'s> {
+        if let (Kind::TransportLookup, Some(fleet)) = (q.kind, self.store.fleet()) {
+            scratch.clear();
+            let Some((rcpt, pool)) = transport_key(q) else {
+                return Answer::not_found();
+            };
+            let admission = match self.engine.plan_admission(rcpt, pool) {
+                Ok(plan) => fleet.admit(&self.engine, &plan).await,
+                Err(decided) => decided,
+            };
+            return admission_answer(admission, scratch);
         }
-        let pool = q.context.or(q.pool);
-        match self.engine.admit(rcpt, pool) {
-            Admission::Default => {
-                m::decision("transport", "default");
-                Answer::not_found()
-            }
-            Admission::Route { transport, nexthop } => {
-                m::decision("transport", "route");
-                let r = put(scratch, format_args!("{transport}:{nexthop}"));
-                Answer::action(&scratch[r])
-            }
-            Admission::Hold {
-                retry_after,
-                reason,
-            } => {
-                let r = match reason {
-                    Hold::Paced { rate } => put(
-                        scratch,
-                        format_args!("retry:4.7.0 mxpace: paced at {rate} msg/s, next slot in {retry_after}s"),
-                    ),
-                    Hold::Suspended { until } => put(
-                        scratch,
-                        format_args!(
-                            "retry:4.7.0 mxpace: destination suspended until {} after blocks by the receiver",
-                            format_unix(until)
-                        ),
-                    ),
-                    Hold::Warmup { limit } => put(
-                        scratch,
-                        format_args!("retry:4.7.0 mxpace: warm-up limit of {limit} messages today reached"),
-                    ),
-                };
-                Answer::action(&scratch[r])
-            }
-        }
+        self.handle(q, scratch, out)
     }
 
+    fn transport_answer<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
+        let Some((rcpt, pool)) = transport_key(q) else {
+            return Answer::not_found();
+        };
+        admission_answer(self.engine.admit(rcpt, pool), scratch)
+    }
     fn destination_query<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
         let name = q.domain.or(q.recipient).or(q.context).unwrap_or("");
         let views = self.engine.query(name);
@@ -291,6 +275,58 @@ fn provider_of(setup: &Setup, name: &str, scratch: &mut String) -> Option<std::o
     let id = setup.classifier.provider_for_domain(domain);
     let named = setup.classifier.provider_name(id);
     (!named.is_empty()).then(|| put(scratch, format_args!("{named}")))
+}
+
+/// The recipient and pool of a transport lookup; `None` when it names no domain.
+fn transport_key<'q>(q: &Query<'q>) -> Option<(&'q str, Option<&'q str>)> {
+    let rcpt = q.recipient.or(q.key)?;
+    domain_of(rcpt)?;
+    Some((rcpt, q.context.or(q.pool)))
+}
+
+fn admission_answer(admission: Admission, scratch: &mut String) -> Answer<'_> {
+    match admission {
+        Admission::Default => {
+            m::decision("transport", "default");
+            Answer::not_found()
+        }
+        Admission::Route { transport, nexthop } => {
+            m::decision("transport", "route");
+            let r = put(scratch, format_args!("{transport}:{nexthop}"));
+            Answer::action(&scratch[r])
+        }
+        Admission::Hold {
+            retry_after,
+            reason,
+        } => {
+            m::decision(
+                "transport",
+                match reason {
+                    Hold::Paced { .. } => "hold_paced",
+                    Hold::Suspended { .. } => "hold_suspended",
+                    Hold::Warmup { .. } => "hold_warmup",
+                },
+            );
+            let r = match reason {
+            Hold::Paced { rate } => put(
+                scratch,
+                format_args!("retry:4.7.0 mxpace: paced at {rate} msg/s, next slot in {retry_after}s"),
+            ),
+            Hold::Suspended { until } => put(
+                scratch,
+                format_args!(
+                    "retry:4.7.0 mxpace: destination suspended until {} after blocks by the receiver",
+                    format_unix(until)
+                ),
+            ),
+            Hold::Warmup { limit } => put(
+                scratch,
+                format_args!("retry:4.7.0 mxpace: warm-up limit of {limit} messages today reached"),
+            ),
+        };
+            Answer::action(&scratch[r])
+        }
+    }
 }
 
 fn report_input<'a>(q: &Query<'a>) -> ReportInput<'a> {

@@ -106,6 +106,25 @@ pub enum Admission {
     Hold { retry_after: u32, reason: Hold },
 }
 
+/// A destination that needs a token before its recipient is routed: what
+/// [`Engine::plan_admission`] found, for whoever decides the token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdmitPlan {
+    /// Site name (a configured provider or the recipient domain).
+    pub site: String,
+    /// Sending identity (pool or source IP).
+    pub identity: String,
+    /// The governing tier, its rate (messages per second) and burst.
+    pub tier: u8,
+    pub rate: f64,
+    pub burst: u32,
+    /// The slowest tier of the destination: the safe limit without the shared limiter.
+    pub floor_tier: u8,
+    slot: u32,
+    key: u64,
+    site_id: Site,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Hold {
     Paced { rate: f64 },
@@ -357,6 +376,20 @@ pub enum Change {
     Suppress(String, Suppression),
     Unsuppress(String),
     Dest(DestRecord),
+}
+
+/// A change made by another instance of the fleet, applied here without being
+/// journaled again.
+#[derive(Debug)]
+pub enum Shared {
+    Suppress(String, Suppression),
+    Unsuppress(String),
+    /// Tier, ceiling and stage; local counters and any suspension stay.
+    Adaptive(DestRecord),
+    /// A suspension: the later end wins, so a stale record never shortens one.
+    Suspend(DestRecord),
+    /// A resume: lifts the suspension whatever its end.
+    Resume(DestRecord),
 }
 
 const FREE: u64 = u64::MAX;
@@ -894,8 +927,35 @@ impl Engine {
     /// Admission for Postfix's `transport_maps`: route the recipient through the tier
     /// transport that enforces its destination's limits, or hold it back.
     pub fn admit(&self, recipient: &str, pool: Option<&str>) -> Admission {
+        match self.plan(recipient, pool, false) {
+            Ok(plan) => self.admit_local(&plan, plan.tier),
+            Err(decided) => decided,
+        }
+    }
+
+    /// The part of admission that needs no token: which destination, whether it is
+    /// suspended or over its warm-up volume, and otherwise the limits a token must be
+    /// taken under. `Err` is an answer already; an `Ok` plan is settled with a token
+    /// from the local limiters ([`Engine::admit_local`]) or from elsewhere (fleet mode:
+    /// [`Engine::route`] or a paced hold).
+    pub fn plan_admission(
+        &self,
+        recipient: &str,
+        pool: Option<&str>,
+    ) -> Result<AdmitPlan, Admission> {
+        self.plan(recipient, pool, true)
+    }
+
+    /// `names`: fill in the site and identity names (they cost an allocation each,
+    /// which the local path does not need).
+    fn plan(
+        &self,
+        recipient: &str,
+        pool: Option<&str>,
+        names: bool,
+    ) -> Result<AdmitPlan, Admission> {
         let Some(domain) = domain_of(recipient) else {
-            return Admission::Default;
+            return Err(Admission::Default);
         };
         let setup = self.setup.load();
         let now = self.clock.secs();
@@ -907,24 +967,24 @@ impl Engine {
             None => {
                 let mut buf = [0u8; 256];
                 if domain.len() > buf.len() {
-                    return Admission::Default;
+                    return Err(Admission::Default);
                 }
                 for (o, i) in buf.iter_mut().zip(domain.as_bytes()) {
                     *o = i.to_ascii_lowercase();
                 }
                 let Ok(lower) = std::str::from_utf8(&buf[..domain.len()]) else {
-                    return Admission::Default;
+                    return Err(Admission::Default);
                 };
                 let rolled = self.rolled_up(lower);
                 match rolled {
                     Some(Ok(n)) => Site::Named(n),
                     Some(Err(group)) => match inner.domains.get(&group) {
                         Some(d) => Site::Domain(d),
-                        None => return Admission::Default,
+                        None => return Err(Admission::Default),
                     },
                     None => match inner.domains.get(lower) {
                         Some(d) => Site::Domain(d),
-                        None => return Admission::Default,
+                        None => return Err(Admission::Default),
                     },
                 }
             }
@@ -945,7 +1005,7 @@ impl Engine {
                     .get(&site.key())
                     .is_some_and(|l| !l.is_empty());
                 if !dedicated && !blamed {
-                    return Admission::Default;
+                    return Err(Admission::Default);
                 }
                 if let Site::Domain(d) = site {
                     inner.domains.add_ref(d);
@@ -977,17 +1037,17 @@ impl Engine {
             }
         }
         if until > now {
-            return Admission::Hold {
+            return Err(Admission::Hold {
                 retry_after: until - now,
                 reason: Hold::Suspended {
                     until: self.clock.to_unix(until),
                 },
-            };
+            });
         }
         if !dedicated && tier >= params.start_tier {
             let st = &inner.slots[slot as usize].state;
             if st.stage == Stage::Trusted {
-                return Admission::Default;
+                return Err(Admission::Default);
             }
         }
         if let Some(limit) = self.warmup_limit(&setup) {
@@ -999,26 +1059,41 @@ impl Engine {
             }
             if e.1 >= limit {
                 let until_midnight = 86400 - self.clock.unix_now() % 86400;
-                return Admission::Hold {
+                return Err(Admission::Hold {
                     retry_after: until_midnight as u32,
                     reason: Hold::Warmup { limit },
-                };
+                });
             }
             e.1 += 1;
         }
-        let limiter = &setup.limiters[tier as usize];
-        match limiter.check_key(&slot) {
-            Ok(()) => {
-                let st = &mut inner.slots[slot as usize].state;
-                st.last_seen = now;
-                let lane = st.lane;
-                st.lane = st.lane.wrapping_add(1);
-                let (transport, nexthop) = setup.transport(site, tier, lane);
-                Admission::Route {
-                    transport: transport.clone(),
-                    nexthop: nexthop.clone(),
-                }
-            }
+        let tier_spec = &setup.tiers[tier as usize];
+        let (site_name, identity) = if names {
+            (self.site_name(&setup, inner, site), identity.to_string())
+        } else {
+            (String::new(), String::new())
+        };
+        Ok(AdmitPlan {
+            site: site_name,
+            identity,
+            tier,
+            rate: tier_spec.rate,
+            burst: tier_spec.burst.max(1),
+            floor_tier: params.floor_tier.min(tier),
+            key: inner.slots[slot as usize].key,
+            slot,
+            site_id: site,
+        })
+    }
+
+    /// Settles a plan with a token from this instance's limiter of `tier` (the plan's
+    /// own tier, or its floor when the fleet's shared limiter is out of reach).
+    pub fn admit_local(&self, plan: &AdmitPlan, tier: u8) -> Admission {
+        let setup = self.setup.load();
+        let Some(limiter) = setup.limiters.get(tier as usize) else {
+            return Admission::Default;
+        };
+        match limiter.check_key(&plan.slot) {
+            Ok(()) => self.route_in(&setup, plan, tier),
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.elapsed());
                 Admission::Hold {
@@ -1028,6 +1103,33 @@ impl Engine {
                     },
                 }
             }
+        }
+    }
+
+    /// Settles a plan whose token was granted elsewhere (the fleet's shared limiter).
+    pub fn route(&self, plan: &AdmitPlan) -> Admission {
+        let setup = self.setup.load();
+        self.route_in(&setup, plan, plan.tier)
+    }
+
+    fn route_in(&self, setup: &Setup, plan: &AdmitPlan, tier: u8) -> Admission {
+        let tier = tier.min(setup.tiers.len().saturating_sub(1) as u8);
+        let now = self.clock.secs();
+        let mut inner = self.inner.lock().unwrap();
+        // The slot may have been evicted and reused since the plan: then no lane to turn.
+        let lane = match inner.slots.get_mut(plan.slot as usize) {
+            Some(s) if s.key == plan.key => {
+                s.state.last_seen = now;
+                let lane = s.state.lane;
+                s.state.lane = s.state.lane.wrapping_add(1);
+                lane
+            }
+            _ => 0,
+        };
+        let (transport, nexthop) = setup.transport(plan.site_id, tier, lane);
+        Admission::Route {
+            transport: transport.clone(),
+            nexthop: nexthop.clone(),
         }
     }
 
@@ -1228,6 +1330,8 @@ impl Engine {
             slot.state.tier = floor;
             slot.state.stage = Stage::Rejecting;
         }
+        // A promise to the operator: durable (and shared with the fleet) before answered.
+        self.journal_site(&setup, inner, sk);
         let name = self.site_name(&setup, inner, site);
         tracing::warn!(target: "mxpace::suspension", site = %name, seconds = secs, "destination suspended by operator");
         Ok(name)
@@ -1389,6 +1493,90 @@ impl Engine {
             inner.slots[i].dirty = false;
         }
         out
+    }
+
+    /// Every tracked destination as a record (to seed a shared store).
+    pub fn records(&self) -> Vec<DestRecord> {
+        let setup = self.setup.load();
+        let inner = self.inner.lock().unwrap();
+        inner
+            .slots
+            .iter()
+            .filter(|s| s.key != FREE)
+            .map(|s| self.record(&setup, &inner, s))
+            .collect()
+    }
+
+    /// Applies changes made by other instances of the fleet. Destinations unknown here
+    /// are created (idle ones skipped, as at restore); nothing is journaled. Returns the
+    /// number of changes that touched state.
+    pub fn apply_shared(&self, changes: Vec<Shared>) -> usize {
+        let setup = self.setup.load();
+        let now = self.clock.secs();
+        let unix_now = self.clock.unix_now();
+        let idle = setup.config.shaping.idle_after.get().as_secs();
+        let mut applied = 0;
+        let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        for change in changes {
+            let (r, how) = match change {
+                Shared::Suppress(addr, s) => {
+                    applied += inner.suppressions.add(&addr, s) as usize;
+                    continue;
+                }
+                Shared::Unsuppress(addr) => {
+                    applied += inner.suppressions.remove(&addr).is_some() as usize;
+                    continue;
+                }
+                Shared::Adaptive(r) => (r, 0),
+                Shared::Suspend(r) => (r, 1),
+                Shared::Resume(r) => (r, 2),
+            };
+            let suspends = how == 1 && r.suspended_until > unix_now;
+            if !suspends && how != 2 && unix_now.saturating_sub(r.last_seen) > idle {
+                continue;
+            }
+            let site = match setup.sites.named(&r.site) {
+                Some(n) => Site::Named(n),
+                None if r.site.is_empty() => continue,
+                None => Site::Domain(inner.domains.acquire(&r.site.to_ascii_lowercase())),
+            };
+            let slot = self.slot_for(&setup, inner, site, &r.identity, now);
+            let tier_of = |n: &str| {
+                setup
+                    .tiers
+                    .iter()
+                    .position(|t| t.name == n)
+                    .map(|i| i as u8)
+            };
+            let st = &mut inner.slots[slot as usize].state;
+            let old_tier = st.tier;
+            st.tier = tier_of(&r.tier).unwrap_or(st.tier);
+            st.stage = Stage::from_u8(r.stage);
+            match how {
+                0 => {
+                    let ceiling = r.ceiling.as_deref().and_then(tier_of).unwrap_or(u8::MAX);
+                    if ceiling != st.ceiling {
+                        st.ceiling = ceiling;
+                        st.ceiling_at = now;
+                    }
+                }
+                1 => {
+                    if suspends {
+                        let until = self.clock.from_unix(r.suspended_until).max(1);
+                        st.suspended_until = st.suspended_until.max(until);
+                    }
+                    st.suspensions = st.suspensions.max(r.suspensions);
+                }
+                _ => st.suspended_until = 0,
+            }
+            if st.tier != old_tier {
+                let tier = st.tier;
+                Self::settle_bucket(&setup, slot, tier);
+            }
+            applied += 1;
+        }
+        applied
     }
 
     /// Restores persisted destinations and suppressions (at start, before serving).
@@ -1709,6 +1897,64 @@ mod tests {
                 "{ips} IPs"
             );
         }
+    }
+
+    #[test]
+    fn shared_changes_never_shorten_a_suspension_unless_resumed() {
+        let e = engine("[providers.gmail]\ndomains = [\"gmail.test\"]\n");
+        let now = e.clock().unix_now();
+        let rec = |until: u64, tier: &str| DestRecord {
+            site: "gmail".into(),
+            identity: "default".into(),
+            tier: tier.into(),
+            ceiling: None,
+            stage: Stage::Rejecting as u8,
+            suspensions: 1,
+            streak: 0,
+            deferrals: 0,
+            suspended_until: until,
+            last_seen: now,
+            counts: [0; 4],
+        };
+        let suspended = |e: &Engine| {
+            matches!(
+                e.policy("a@gmail.test", true),
+                PolicyVerdict::Suspended { .. }
+            )
+        };
+        // (change, suspended afterwards)
+        let steps: Vec<(Shared, bool)> = vec![
+            (Shared::Suspend(rec(now + 600, "t1")), true),
+            (Shared::Suspend(rec(now + 10, "t1")), true),
+            (Shared::Adaptive(rec(0, "t3")), true),
+            (Shared::Resume(rec(0, "t1")), false),
+            (Shared::Suspend(rec(now.saturating_sub(5), "t1")), false),
+        ];
+        for (i, (change, want)) in steps.into_iter().enumerate() {
+            assert_eq!(e.apply_shared(vec![change]), 1, "step {i}");
+            assert_eq!(suspended(&e), want, "step {i}");
+        }
+        e.clock().advance(Duration::from_secs(11));
+        assert_eq!(
+            e.apply_shared(vec![Shared::Suspend(rec(now + 600, "t1"))]),
+            1
+        );
+        assert!(suspended(&e), "the later end wins");
+        let s = Suppression {
+            since: now,
+            class: Class::RecipientUnknown,
+            reply: "550 5.1.1".into(),
+        };
+        assert_eq!(
+            e.apply_shared(vec![Shared::Suppress("X@Example.org".into(), s)]),
+            1
+        );
+        assert!(e.suppression("x@example.org").is_some());
+        assert_eq!(
+            e.apply_shared(vec![Shared::Unsuppress("x@example.org".into())]),
+            1
+        );
+        assert!(e.suppression("x@example.org").is_none());
     }
 
     #[test]

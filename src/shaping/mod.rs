@@ -23,4 +23,5 @@ pub use clock::EngineClock;
 pub use engine::{
     Action, Admission, Decision, DestinationView, Engine, Hold, PolicyVerdict, ReportInput,
 };
+pub use engine::{AdmitPlan, Shared};
 pub use stage::Stage;

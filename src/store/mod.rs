@@ -6,6 +6,11 @@
 //! suspension — awaits [`Store::sync`], which resolves once everything sent before it is
 //! committed, so an acknowledged promise survives `kill -9`. Adaptive counters are
 //! flushed every `flush_interval` and may lose at most that much.
+//!
+//! The fleet backend ([`fleet`]) shares the same state, and each destination's rate,
+//! through Redis.
+
+pub mod fleet;
 
 use crate::classify::Class;
 use crate::config::Config;
@@ -29,6 +34,8 @@ enum Msg {
 #[derive(Clone, Default)]
 pub struct Store {
     tx: Option<mpsc::Sender<Msg>>,
+    /// Fleet mode: the shared Redis instead of the embedded file.
+    fleet: Option<Arc<fleet::Fleet>>,
 }
 
 const SCHEMA: &str = "
@@ -152,8 +159,12 @@ impl Store {
                 Ok(Store::default())
             }
             "embedded" => Store::open_embedded(Path::new(&config.state.path), engine, quarantine_bad),
+            "redis" => Ok(Store {
+                tx: None,
+                fleet: Some(fleet::Fleet::start(config, engine)?),
+            }),
             other => bail!(
-                "state backend {other:?} is not available in this build; use \"embedded\" or \"memory\""
+                "state backend {other:?} is not available in this build; use \"embedded\", \"redis\" or \"memory\""
             ),
         }
     }
@@ -191,11 +202,30 @@ impl Store {
             .name("mxpace-store".into())
             .spawn(move || writer(conn, rx, jrx))
             .context("starting the store writer")?;
-        Ok(Store { tx: Some(tx) })
+        Ok(Store {
+            tx: Some(tx),
+            fleet: None,
+        })
+    }
+
+    /// Fleet mode's handle, for the decisions that go through Redis.
+    pub fn fleet(&self) -> Option<&Arc<fleet::Fleet>> {
+        self.fleet.as_ref()
+    }
+
+    /// Fleet mode: waits briefly for the first join, so a start with Redis reachable
+    /// serves with the fleet's state loaded. Returns at once for the other backends.
+    pub async fn wait_ready(&self) {
+        if let Some(f) = &self.fleet {
+            f.wait_joined().await;
+        }
     }
 
     /// Resolves once every change made before this call is committed.
     pub async fn sync(&self) {
+        if let Some(f) = &self.fleet {
+            return f.sync().await;
+        }
         if let Some(tx) = &self.tx {
             let (done, wait) = oneshot::channel();
             if tx.send(Msg::Barrier(done)).is_ok() {
@@ -206,6 +236,9 @@ impl Store {
 
     /// Writes destinations changed since the last flush.
     pub async fn flush_adaptive(&self, engine: &Engine) {
+        if let Some(f) = &self.fleet {
+            return f.flush(engine);
+        }
         if let Some(tx) = &self.tx {
             let dirty = engine.take_dirty();
             if !dirty.is_empty() {
@@ -216,6 +249,9 @@ impl Store {
 
     /// Commits what is pending and stops the writer.
     pub async fn close(&self) {
+        if let Some(f) = &self.fleet {
+            return f.close().await;
+        }
         if let Some(tx) = &self.tx {
             let (done, wait) = oneshot::channel();
             if tx.send(Msg::Close(done)).is_ok() {
