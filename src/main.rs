@@ -8,7 +8,11 @@ use std::process::ExitCode;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "mxpace", version, about = "Adaptive delivery pacing sidecar for MTAs")]
+#[command(
+    name = "mxpace",
+    version,
+    about = "Adaptive delivery pacing sidecar for MTAs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,8 +85,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            mxpace::telemetry::init(&config.log.level, opts.log_json || config.log.format == "json");
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            mxpace::telemetry::init(
+                &config.log.level,
+                opts.log_json || config.log.format == "json",
+            );
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("mxpace: cannot start the runtime: {e}");
