@@ -80,6 +80,7 @@ impl Service {
             Kind::DeliveryReport => {
                 let d = self.engine.report(&report_input(q));
                 out.durable = d.durable;
+                decided(q.kind, d.action.as_str());
                 self.decision_answer(&d, q, scratch)
             }
             Kind::DestinationQuery => self.destination_query(q, scratch),
@@ -89,16 +90,29 @@ impl Service {
                 self.status_answer(&d, q, scratch)
             }
             Kind::TransportLookup => self.transport_answer(q, scratch),
-            Kind::Unknown => Answer::unknown_request(),
+            Kind::Unknown => {
+                decided(q.kind, "unknown");
+                Answer::unknown_request()
+            }
         }
     }
 
     fn access_policy<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
         let Some(rcpt) = q.recipient.filter(|r| !r.is_empty()) else {
+            decided(q.kind, "dunno");
             return Answer::action("DUNNO");
         };
         let config = self.config.load();
-        match self.engine.policy(rcpt, config.policy.enforce_suppression) {
+        let verdict = self.engine.policy(rcpt, config.policy.enforce_suppression);
+        decided(
+            q.kind,
+            match verdict {
+                PolicyVerdict::Dunno => "dunno",
+                PolicyVerdict::Suppressed(_) => "suppressed",
+                PolicyVerdict::Suspended { .. } => "suspended",
+            },
+        );
+        match verdict {
             PolicyVerdict::Dunno => Answer::action("DUNNO"),
             PolicyVerdict::Suppressed(s) => {
                 let r = put(
@@ -165,23 +179,36 @@ impl Service {
         if d.defer_block && d.action != Action::Ok {
             if let (Some(status), Some(text)) = (q.status, q.reply) {
                 if let Some(rest) = status.strip_prefix('5') {
+                    decided(q.kind, "defer_block");
                     let r = put(scratch, format_args!("4{rest} {text}"));
                     return Answer::action(&scratch[r]);
                 }
             }
         }
+        decided(q.kind, "unchanged");
         Answer::not_found()
     }
 
     fn transport_answer<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
-        let Some(rcpt) = q.recipient.or(q.key) else {
+        let Some(rcpt) = q.recipient.or(q.key).filter(|r| domain_of(r).is_some()) else {
+            decided(q.kind, "default");
             return Answer::not_found();
         };
-        if domain_of(rcpt).is_none() {
-            return Answer::not_found();
-        }
         let pool = q.context.or(q.pool);
-        match self.engine.admit(rcpt, pool) {
+        let admission = self.engine.admit(rcpt, pool);
+        decided(
+            q.kind,
+            match &admission {
+                Admission::Default => "default",
+                Admission::Route { .. } => "route",
+                Admission::Hold { reason, .. } => match reason {
+                    Hold::Paced { .. } => "hold_paced",
+                    Hold::Suspended { .. } => "hold_suspended",
+                    Hold::Warmup { .. } => "hold_warmup",
+                },
+            },
+        );
+        match admission {
             Admission::Default => Answer::not_found(),
             Admission::Route { transport, nexthop } => {
                 let r = put(scratch, format_args!("{transport}:{nexthop}"));
@@ -241,8 +268,10 @@ impl Service {
             format_args!("{}", view.map(|v| v.site.as_str()).unwrap_or("")),
         );
         let _ = site;
+        let action = if retry > 0 { "suspended" } else { "ok" };
+        decided(q.kind, action);
         Answer {
-            reply: Reply::Action(if retry > 0 { "suspended" } else { "ok" }),
+            reply: Reply::Action(action),
             class: None,
             provider: None,
             blamed: None,
@@ -252,6 +281,11 @@ impl Service {
             rate: Some(rate),
         }
     }
+}
+
+/// Counts the answer in `mxpace_decisions_total` (static labels: no allocation).
+fn decided(kind: Kind, action: &'static str) {
+    crate::metrics::decision(kind.as_str(), action);
 }
 
 fn report_input<'a>(q: &Query<'a>) -> ReportInput<'a> {
