@@ -894,7 +894,6 @@ impl Engine {
             .identities
             .get(identity)
             .and_then(|id| inner.index.get(&key_of(site, id)).copied());
-        let created = existing.is_none();
         let slot = match existing {
             Some(s) => s,
             None => {
@@ -964,16 +963,6 @@ impl Engine {
             e.1 += 1;
         }
         let limiter = &setup.limiters[tier as usize];
-        if created {
-            // Slow start: a new destination's bucket starts with one token, not a full
-            // burst. Its first lookups come while mail is still arriving (not in queue
-            // scans), so a full burst plus the refill until Postfix's next whole second
-            // reached the provider within one second: up to twice the rate.
-            let spare = setup.tiers[tier as usize].burst.saturating_sub(1);
-            if let Some(n) = NonZeroU32::new(spare) {
-                let _ = limiter.check_key_n(&slot, n);
-            }
-        }
         match limiter.check_key(&slot) {
             Ok(()) => {
                 let st = &mut inner.slots[slot as usize].state;
@@ -1551,28 +1540,6 @@ mod tests {
             e.admit("u3@gmail.test", None),
             Admission::Route { .. }
         ));
-        // Slow start: a new destination's bucket holds one token, not the burst.
-        let e = engine(
-            "[providers.gmail]\ndomains = [\"gmail.test\"]\nnexthop = \"[127.0.0.2]:2525\"\nstart_tier = \"t4\"\n",
-        );
-        let routed = |e: &Engine, n: usize| {
-            (0..n)
-                .filter(|i| {
-                    matches!(
-                        e.admit(&format!("v{i}@gmail.test"), None),
-                        Admission::Route { .. }
-                    )
-                })
-                .count()
-        };
-        assert_eq!(
-            routed(&e, 5),
-            1,
-            "t4: rate 5/s, burst 5, but one token at first"
-        );
-        e.clock().advance(Duration::from_millis(1000));
-        assert_eq!(routed(&e, 10), 5, "then the full burst after a second");
-        let e = engine("[providers.gmail]\ndomains = [\"gmail.test\"]\nstart_tier = \"t1\"\n");
         // Unlisted domains without feedback are not shaped.
         assert_eq!(e.admit("x@example.org", None), Admission::Default);
         assert_eq!(e.admit("*", None), Admission::Default);
