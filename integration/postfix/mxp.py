@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -108,7 +109,9 @@ def _stop_all() -> None:
 class Mxpace:
     """One mxpace daemon. ``config`` is TOML text; listeners, metrics and admin are given on the command line."""
 
-    def __init__(self, config: str, host: str = "127.0.0.1", base: str | None = None):
+    def __init__(self, config: str, host: str = "127.0.0.1", base: str | None = None, keep: bool = False):
+        self.owns_base = base is None
+        self.keep = keep
         self.base = base or tempfile.mkdtemp(prefix="mxpace-")
         os.chmod(self.base, 0o755)
         self.host = host
@@ -182,7 +185,13 @@ class Mxpace:
         return self.start()
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop, and remove the directory (config, state, log) unless kept."""
         self.stop()
+        if self.owns_base and not self.keep:
+            shutil.rmtree(self.base, ignore_errors=True)
 
     # ---- what it says
 
@@ -245,3 +254,28 @@ def toml_value(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(v)
+
+
+def postfix_kwargs(daemon: Mxpace) -> dict:
+    """Keyword arguments for :class:`pfx.Postfix` that wire it to ``daemon``.
+
+    Exactly the ``mxpace postfix-config`` text, with the one blank an operator
+    fills in: ``mxpace_fallback_transport_maps`` names their own transport
+    table, here the harness's texthash routes. The submission smtpd uses the
+    generated ``rewrite-nomxpace`` service.
+    """
+    main, master = daemon.postfix_config()
+    main, n = re.subn(r"^mxpace_fallback_transport_maps =.*$",
+                      "mxpace_fallback_transport_maps = $harness_transport_maps", main, flags=re.M)
+    if n != 1:
+        raise RuntimeError("postfix-config output has no mxpace_fallback_transport_maps line")
+    return {"main_cf_extra": main, "master_cf_extra": master, "smtpd_rewrite": "rewrite-nomxpace"}
+
+
+# Queue timers for tests: paced mail comes back within 1-2 s (written by postfix-config).
+FAST_QUEUE = """
+[postfix]
+queue_run_delay = "1s"
+minimal_backoff_time = "1s"
+maximal_backoff_time = "2s"
+"""

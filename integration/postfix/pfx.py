@@ -624,14 +624,26 @@ postlog   unix-dgram n  -       n       -       1       postlogd
     def deferred_count(self) -> int:
         return sum(len(f) for _, _, f in os.walk(os.path.join(self.queue_dir, "deferred")))
 
-    def wait_empty(self, timeout: float, poll: float = 0.1) -> bool:
-        """True once no message is queued; False when the deadline passes first."""
+    def wait_empty(self, timeout: float, poll: float = 0.1, nudge: float | None = None) -> bool:
+        """True once no message is queued; False when the deadline passes first.
+
+        nudge: every this many seconds, submit one message to ``nudge@sender.test``
+        (discarded), as a server's other traffic would. qmgr resolves it, which
+        replaces qmgr's one-entry, 30 s resolve cache (see NOTES.md): otherwise a
+        lone message that a sidecar's transport map held can sit out those 30 s on
+        a quiet instance without the map ever being asked again.
+        """
         deadline = time.monotonic() + timeout
+        next_nudge = time.monotonic() + nudge if nudge else None
         while True:
             if self.queue_files() == 0:
                 return True
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return False
+            if next_nudge is not None and now >= next_nudge:
+                self.inject([f"nudge@{SENDER_DOMAIN}"], connections=1)
+                next_nudge = now + nudge
             time.sleep(poll)
 
     def wait_until(self, predicate, timeout: float, poll: float = 0.1) -> bool:
