@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import time
 from typing import Any, Iterator
 
@@ -164,10 +165,10 @@ def test_hard_bounce_suppresses_and_next_message_is_rejected_at_rcpt(loopback):
 
 
 def test_throttling_provider_moves_to_a_slower_tier_and_everything_is_delivered(loopback):
-    """Started too fast (13/s against 5/s), mxpace steps down; the deferrals stop."""
-    n = 100
+    """Started too fast (8/s against 5/s), mxpace steps down; the deferrals stop."""
+    n = 60
     listeners = [{"name": "gmail", "profile": "gmail", "rate": RATE, "window": 1.0, "block_after": 1000}]
-    sites = {"gmail": ("gmail", "gmail.test", {"start_tier": "t6", "max_tier": "t6"})}
+    sites = {"gmail": ("gmail", "gmail.test", {"start_tier": "t5", "max_tier": "t5"})}
     with wired(loopback, listeners, sites) as (sinks, daemon, mta):
         sinks.reset()
         t0 = time.monotonic()
@@ -188,8 +189,8 @@ def test_throttling_provider_moves_to_a_slower_tier_and_everything_is_delivered(
         assert stats["accepted"] == n and stats["block_events"] == 0
         # It was throttled at the start tier, moved down, and stays below it.
         assert deferred and all("4.7.28" in d.text for d in deferred)
-        assert dest["rate"] < 13.0
-        assert sum(v for t, v in tiers.items() if t != "t6") > sum(v for t, v in tiers.items() if t == "t6")
+        assert dest["rate"] < 8.0
+        assert sum(v for t, v in tiers.items() if t != "t5") > sum(v for t, v in tiers.items() if t == "t5")
         # The deferrals drop: the later half of the deliveries met fewer 421s than the first.
         order = sorted(lines, key=lambda d: (d.ts, d.queue_id))
         half = len(order) // 2
@@ -318,7 +319,11 @@ def test_defer_blocks_safety_net_keeps_blocked_mail_queued(loopback, defer_block
     over = {"start_tier": "t7", "suspend_after": 2, "suspend_for": "4s", "defer_blocks": defer_blocks}
     with wired(loopback, listeners, {"gmail": ("gmail", "gmail.test", over)}) as (sinks, daemon, mta):
         res = mta.inject([f"user{i}@gmail.test" for i in range(n)])
-        assert len(res.queued) == n
+        # Once mxpace suspends the site, submission defers new recipients (450, the
+        # client retries): those were never queued, and are not counted below.
+        queued = len(res.queued)
+        assert queued + len(res.refused) == n and queued >= 5
+        assert all(code == 450 for code, _ in res.refused.values()), res.refused
         assert wait_for(lambda: sinks.stats()["listeners"]["gmail"]["blocked"] >= 3, 20), mta.log_tail()
         # The provider relaxes its rate; the block itself lifts after block_duration.
         sinks.set("gmail", rate=None)
@@ -327,13 +332,14 @@ def test_defer_blocks_safety_net_keeps_blocked_mail_queued(loopback, defer_block
         finals = collections.Counter(mta.final_statuses("gmail.test").values())
         stats = sinks.stats()["listeners"]["gmail"]
         blocks = [d for d in smtp_lines(mta, "gmail.test") if "5.7.1" in d.text]
-        print(f"\n[defer_blocks={defer_blocks}] finals={dict(finals)} sink blocked={stats['blocked']} "
+        print(f"\n[defer_blocks={defer_blocks}] queued={queued} deferred at RCPT={len(res.refused)} "
+              f"finals={dict(finals)} sink blocked={stats['blocked']} "
               f"accepted={stats['accepted']} block replies logged as: "
               f"{collections.Counter((d.dsn, d.status) for d in blocks)}")
         assert stats["blocked"] >= 3 and blocks
         if defer_blocks:
             # Every block reply became a deferral with the provider's text kept; all delivered.
-            assert finals == {"sent": n}
+            assert finals == {"sent": queued}
             assert all(d.status == "deferred" and d.dsn == "4.7.1" for d in blocks)
             assert all("has been blocked" in d.text for d in blocks)
             assert mxp.metric_sum(daemon.metrics(), "mxpace_decisions_total", kind="status",
@@ -369,14 +375,13 @@ def test_sigkill_mid_run_loses_and_bounces_nothing(loopback):
         assert all(u in rows for u in unknown), rows
         assert mta.wait_empty(90, nudge=NUDGE), mta.log_tail()
         finals = collections.Counter(mta.final_statuses("gmail.test").values())
+        # What Postfix logged while mxpace was down, numbers and ids blanked.
         behaviour = collections.Counter()
         for line in pfx.parse_log(down_log):
-            if "transport_maps lookup failure" in line.msg or "address resolver failure" in line.msg:
-                behaviour[f"{line.program}: transport lookup fails -> deferred (address resolver failure)"] += 1
-            elif "smtp_delivery_status_filter" in line.msg or ":status" in line.msg and "lookup error" in line.msg:
-                behaviour[f"{line.program}: status filter lookup fails -> original status kept"] += 1
-            elif "policy" in line.msg and "warning" in line.msg:
-                behaviour[f"{line.program}: policy service unreachable -> default_action"] += 1
+            if line.msg.startswith("warning:") or "status=deferred" in line.msg and line.program == "error":
+                text = line.msg if line.msg.startswith("warning:") else "deferred " + line.msg.split("status=deferred")[1]
+                text = re.sub(r"\d+(\.\d+)*", "N", re.sub(r"<[^>]*>", "<…>", text))[:160]
+                behaviour[f"{line.program}: {text}"] += 1
         print(f"\n[sigkill] injected={len(first) + len(later)} finals={dict(finals)} "
               f"accepted while down={accepted_down}; Postfix while mxpace was down (5 s): "
               + json.dumps(behaviour, indent=1))
