@@ -45,10 +45,12 @@ pub fn generate(config: &Config, classifier: &Classifier, endpoints: &Endpoints)
 smtp_delivery_status_filter = socketmap:{sm}:status
 
 # Shaped destinations are routed through tier transports (below) or held in the
-# deferred queue with `retry:` while paced or suspended. Put your own transport maps
-# after this one. If mxpace is down, queued mail is deferred (`address resolver
-# failure`) and goes out once it answers again: nothing bounces.
-transport_maps = socketmap:{sm}:transport
+# deferred queue with `retry:` while paced or suspended. If mxpace is down, queued
+# mail is deferred (`address resolver failure`) and goes out once it answers again:
+# nothing bounces. Your own transport maps, if any (e.g. hash:/etc/postfix/transport),
+# go in mxpace_fallback_transport_maps: consulted after mxpace, and alone by smtpd.
+mxpace_fallback_transport_maps =
+transport_maps = socketmap:{sm}:transport, $mxpace_fallback_transport_maps
 
 # Reject suppressed recipients at RCPT TO and hold mail for suspended destinations.
 # default_action=DUNNO: when mxpace cannot be reached, mail is accepted as usual.
@@ -75,7 +77,7 @@ maximal_backoff_time = {maxb}
 # every smtpd service that accepts mail:
 #     -o rewrite_service_name=rewrite-nomxpace
 rewrite-nomxpace unix  -       -       n       -       -       trivial-rewrite
-  -o transport_maps="
+  -o transport_maps=$mxpace_fallback_transport_maps"
     );
 
     let mut tier_lines = |site: Option<(u16, &str)>| {
@@ -160,9 +162,10 @@ mod tests {
         assert!(g
             .main_cf
             .contains("smtp_delivery_status_filter = socketmap:inet:127.0.0.1:4444:status\n"));
-        assert!(g
-            .main_cf
-            .contains("transport_maps = socketmap:inet:127.0.0.1:4444:transport\n"));
+        assert!(g.main_cf.contains(
+            "transport_maps = socketmap:inet:127.0.0.1:4444:transport, $mxpace_fallback_transport_maps\n"
+        ));
+        assert!(g.main_cf.contains("\nmxpace_fallback_transport_maps =\n"));
         assert!(g
             .main_cf
             .contains("inet:127.0.0.1:10027, timeout=10s, default_action=DUNNO"));
@@ -179,6 +182,8 @@ mod tests {
             .master_cf
             .contains("mxp_gmail_slow_0 unix  -       -       n       -       -       smtp\n  -o syslog_name=postfix/mxp_gmail_slow_0\n  -o smtp_delivery_status_filter=socketmap:inet:127.0.0.1:4444:status/gmail/slow\n"));
         assert!(g.master_cf.contains("status/*/fast"));
-        assert!(g.master_cf.contains("rewrite-nomxpace unix"));
+        assert!(g.master_cf.contains(
+            "rewrite-nomxpace unix  -       -       n       -       -       trivial-rewrite\n  -o transport_maps=$mxpace_fallback_transport_maps\n"
+        ));
     }
 }

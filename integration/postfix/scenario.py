@@ -76,17 +76,24 @@ def provider_run(
     deadline: float = 60.0,
     configure: Callable[[str, int], dict[str, Any]] | None = None,
     domain: str | None = None,
+    inspect: Callable[[pfx.Postfix, sink.SinkProcess], None] | None = None,
+    sink_params: dict[str, Any] | None = None,
 ) -> RunFigures:
     """Inject ``messages`` to one provider and wait for the queue to drain.
 
     configure(sink_host, sink_port) may return keyword arguments for
     :class:`pfx.Postfix` (main_cf_extra, master_cf_extra, main_cf, routes):
     the hook through which a sidecar's generated config is wired in.
+    inspect(mta, provider) runs after the queue drained (or the deadline
+    passed), before anything is torn down: the place for checks that need
+    the maillog or the live sink. sink_params add to the provider listener's
+    parameters (e.g. ``window``, ``burst``).
     """
     domain = domain or f"{profile}.test"
     listener = {
         "addr": f"{loopback.addr()}:0", "name": profile, "profile": profile, "rate": rate,
         "block_after": block_after, "block_duration": block_duration, "throttle_at": throttle_at,
+        **(sink_params or {}),
     }
     with sink.SinkProcess([listener]) as provider:
         host, port = provider.addr(profile)
@@ -110,6 +117,8 @@ def provider_run(
                 smtp_attempts=sum(1 for d in lines if d.program == "smtp"),
                 elapsed=elapsed, sink=provider.stats()["listeners"][profile],
             )
+            if inspect:
+                inspect(mta, provider)
     print(figures.summary())
     print(f"[{label}] provider accept histogram (s since reset -> accepted): "
           f"{json.dumps(figures.sink['accept_histogram'])}")

@@ -50,6 +50,9 @@ import sys
 import time
 from typing import Any
 
+# Accept times kept per listener (for rate figures); later accepts are only counted.
+MAX_ACCEPT_TIMES = 100_000
+
 # Reply templates. A template is one string; "\n" separates the lines of a
 # multi-line reply and every line starts with the reply code, as on the wire
 # (the writer turns the separator into "-" for all but the last line).
@@ -174,6 +177,7 @@ class Provider:
         self.greylist_seen: set[tuple[str, str, str]] = set()
         self.counts = collections.Counter()
         self.histogram: collections.Counter[int] = collections.Counter()
+        self.accept_times: list[float] = []  # seconds since start, one per accepted recipient (bounded)
         self.first: dict[str, float] = {}
         self.peak_1s = 0
 
@@ -223,6 +227,8 @@ class Provider:
         self.counts["accepted"] += n
         self.counts["messages"] += 1
         self.histogram[int(now - self.started_mono)] += n
+        if len(self.accept_times) < MAX_ACCEPT_TIMES:
+            self.accept_times += [round(now - self.started_mono, 3)] * n
         for _ in range(n):
             self.peak_times.append(now)
         while self.peak_times and self.peak_times[0] <= now - 1.0:
@@ -251,6 +257,7 @@ class Provider:
             "deferred": self.counts["deferred"],
             "greylisted": self.counts["greylisted"],
             "attempts": self.counts["attempts"],
+            "accept_times": list(self.accept_times),
             "first_attempt": self.first.get("attempt"),
             "last_attempt": self.first.get("last_attempt"),
             "first_accept": self.first.get("accept"),

@@ -91,12 +91,16 @@ impl Service {
                 self.status_answer(&d, q, scratch)
             }
             Kind::TransportLookup => self.transport_answer(q, scratch),
-            Kind::Unknown => Answer::unknown_request(),
+            Kind::Unknown => {
+                m::decision(q.kind.as_str(), "unknown");
+                Answer::unknown_request()
+            }
         }
     }
 
     fn access_policy<'s>(&self, q: &Query<'_>, scratch: &'s mut String) -> Answer<'s> {
         let Some(rcpt) = q.recipient.filter(|r| !r.is_empty()) else {
+            m::decision(q.kind.as_str(), "dunno");
             return Answer::action("DUNNO");
         };
         let config = self.config.load();
@@ -329,11 +333,32 @@ fn admission_answer(admission: Admission, scratch: &mut String) -> Answer<'_> {
     }
 }
 
+/// The recipient a RCPT-stage rejection names, as many MTAs write it:
+/// `host … said: 550 5.1.1 <user@example.com>: Recipient address rejected: … (in reply to
+/// RCPT TO command)`. Postfix's status filter key names no recipient, so this is the
+/// only way a hard bounce seen there can reach the suppression list.
+fn recipient_in_reply(text: &str) -> Option<&str> {
+    if !text.ends_with("(in reply to RCPT TO command)") {
+        return None;
+    }
+    let rest = &text[text.find(" said: ")? + 7..];
+    let open = rest.find('<')?;
+    let len = rest[open + 1..].find('>')?;
+    let addr = &rest[open + 1..open + 1 + len];
+    let (local, domain) = addr.rsplit_once('@')?;
+    (!local.is_empty() && domain.contains('.') && !addr.contains(char::is_whitespace))
+        .then_some(addr)
+}
+
 fn report_input<'a>(q: &Query<'a>) -> ReportInput<'a> {
+    let recipient = match q.kind {
+        Kind::StatusLookup => q.recipient.or_else(|| q.reply.and_then(recipient_in_reply)),
+        _ => q.recipient,
+    };
     ReportInput {
         reply: q.reply.unwrap_or(""),
         status: q.status,
-        recipient: q.recipient,
+        recipient,
         sender: q.sender,
         mx_host: q.mx_host,
         source_ip: q.source_ip,
@@ -409,6 +434,32 @@ mod tests {
         for (action, word) in cases {
             assert_eq!(action_word(action), word);
         }
+    }
+
+    #[test]
+    fn recipient_named_by_a_rcpt_rejection() {
+        let said = "host mx.example.net[192.0.2.7] said: ";
+        let cases = [
+            ("550 5.1.1 <bob@example.net>: Recipient address rejected: User unknown in virtual mailbox table (in reply to RCPT TO command)", Some("bob@example.net")),
+            ("550-5.1.1 <a.b+c@example.net> unknown 550 5.1.1 user (in reply to RCPT TO command)", Some("a.b+c@example.net")),
+            // Not at RCPT, no address, or not an address in the brackets.
+            ("550 5.1.1 <bob@example.net>: unknown (in reply to end of DATA command)", None),
+            ("550 5.1.1 The email account that you tried to reach does not exist. (in reply to RCPT TO command)", None),
+            ("550 5.7.1 <[192.0.2.1]>: Client host rejected (in reply to RCPT TO command)", None),
+            ("550 5.1.1 <postmaster>: unknown (in reply to RCPT TO command)", None),
+        ];
+        for (reply, want) in cases {
+            assert_eq!(
+                recipient_in_reply(&format!("{said}{reply}")),
+                want,
+                "{reply}"
+            );
+        }
+        assert_eq!(
+            recipient_in_reply("<bob@example.net> (in reply to RCPT TO command)"),
+            None,
+            "no remote reply"
+        );
     }
 
     #[test]

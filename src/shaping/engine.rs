@@ -749,10 +749,13 @@ impl Engine {
             decision.stage = st.stage;
             if st.is_suspended(now) {
                 decision.suspended_until = Some(self.clock.to_unix(st.suspended_until));
-                decision.defer_block = params.defer_blocks
-                    && verdict.permanent
-                    && matches!(class, Class::ReputationBlock | Class::SpamRejected);
             }
+            // Every block reply is deferred, not only those after the suspension: the
+            // state machine already answers "retry" for the ones before it, and the
+            // first blocks are the ones that would otherwise bounce.
+            decision.defer_block = params.defer_blocks
+                && verdict.permanent
+                && matches!(class, Class::ReputationBlock | Class::SpamRejected);
             let st = st.clone();
             if let Some((_, to)) = effect.tier_changed {
                 Self::settle_bucket(setup, slot, to);
@@ -1896,6 +1899,41 @@ mod tests {
                 PolicyVerdict::Dunno,
                 "{ips} IPs"
             );
+        }
+    }
+
+    #[test]
+    fn defer_blocks_covers_the_blocks_before_the_suspension() {
+        const BLOCK: &str = "host 127.0.0.2[127.0.0.2] said: 550-5.7.1 Our system has detected an unusual rate of unsolicited mail 550 5.7.1 sent from your IP address has been blocked. - gsmtp (in reply to RCPT TO command)";
+        let report = |e: &Engine| {
+            e.report(&ReportInput {
+                reply: BLOCK,
+                status: Some("5.7.1"),
+                recipient: Some("a@gmail.test"),
+                site_hint: Some("gmail"),
+                ..Default::default()
+            })
+        };
+        for (defer_blocks, want) in [
+            (true, (true, Action::Retry)),
+            (false, (false, Action::Bounce)),
+        ] {
+            let e = engine(&format!(
+                "[providers.gmail]\ndomains = [\"gmail.test\"]\nsuspend_after = 3\ndefer_blocks = {defer_blocks}\n"
+            ));
+            // The first block: not yet suspended.
+            let d = report(&e);
+            assert_eq!(d.suspended_until, None);
+            assert_eq!(
+                (d.defer_block, d.action),
+                want,
+                "defer_blocks = {defer_blocks}"
+            );
+            report(&e);
+            // The third suspends; its reply is deferred only with the safety net.
+            let d = report(&e);
+            assert!(d.suspended_until.is_some());
+            assert_eq!(d.defer_block, defer_blocks);
         }
     }
 

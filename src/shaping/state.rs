@@ -41,6 +41,8 @@ pub struct Params {
 }
 
 const NO_CEILING: u8 = u8::MAX;
+/// Rate-limit replies a forgiven episode may hold before it decreases after all.
+const FORGIVEN_THROTTLES: u8 = 2;
 
 /// Adaptive state of one destination (site × sending identity). Kept compact: a
 /// million of these must fit in well under 256 bytes each, with their keys.
@@ -56,6 +58,10 @@ pub struct DestState {
     /// Deferrals in a row (backoff exponent).
     pub deferrals: u16,
     pub lane: u16,
+    /// Rate-limit replies in the current episode (see `apply`).
+    pub episode: u8,
+    /// The current episode is forgiven: it holds the rate unless it grows.
+    pub forgiving: bool,
     pub last_seen: u32,
     pub last_decrease: u32,
     /// Last step up the ladder (engine seconds).
@@ -76,6 +82,8 @@ impl DestState {
             streak: 0,
             deferrals: 0,
             lane: 0,
+            episode: 0,
+            forgiving: false,
             last_seen: now,
             last_decrease: 0,
             last_step: now,
@@ -159,31 +167,56 @@ pub fn apply(
                 let next = s.tier + 1;
                 let capped = s.ceiling != NO_CEILING
                     && tiers[next as usize].rate > 0.9 * tiers[s.ceiling as usize].rate;
+                // Under the ceiling the streak keeps counting: it is the evidence that
+                // lets a later lone throttle pass without a decrease (below).
                 if !capped {
                     e.tier_changed = Some((s.tier, next));
                     s.tier = next;
+                    s.streak = 0;
                     s.last_step = now;
                     // Throttles from now on answer the faster tier: a new episode.
                     s.last_decrease = 0;
                 }
-                s.streak = 0;
             }
             e.retry_after = None;
         }
         Class::RateLimited => {
             s.window.record(Outcome::Throttled, now, p.window_half);
+            // Replies within `decrease_holdoff` of an episode's first belong to it. A
+            // sender paced at the provider's rate meets a small episode now and then:
+            // Postfix starts deliveries on whole-second timers, and their jitter lets
+            // two seconds' batches meet in one window of the provider. So an episode
+            // after a clean run of `increase_after` deliveries, or a destination's first
+            // one, is forgiven while it stays small: the rate holds and stops climbing
+            // (the ceiling). Its third reply, or an episode without a clean run before
+            // it, decreases the rate. Halving on every lone 421 settled far below it.
+            let clean_run = s.streak as u32 >= p.increase_after;
+            let first = s.episode == 0;
             s.streak = 0;
             s.deferrals = s.deferrals.saturating_add(1);
+            // A new episode starts `decrease_holdoff` after the last one began (or at
+            // once after a step up); later replies within it are stragglers of the same
+            // episode. The tier that drew an episode is the rate the provider refused.
             let fresh =
                 s.last_decrease == 0 || now.saturating_sub(s.last_decrease) >= p.decrease_holdoff;
-            if fresh {
-                // A new throttling episode: the tier that drew it is the rate the provider
-                // refused. Stragglers of the same episode change nothing.
-                let to = decreased_tier(tiers, s.tier, p.decrease_factor, p.floor_tier);
+            let decrease = if fresh {
+                s.episode = 1;
+                s.forgiving = first || clean_run;
                 s.ceiling = s.tier;
                 s.ceiling_at = now;
                 // 0 means "never"; engine time starts at 0.
                 s.last_decrease = now.max(1);
+                !s.forgiving
+            } else {
+                s.episode = s.episode.saturating_add(1);
+                let grew = s.forgiving && s.episode > FORGIVEN_THROTTLES;
+                if grew {
+                    s.forgiving = false;
+                }
+                grew
+            };
+            if decrease {
+                let to = decreased_tier(tiers, s.tier, p.decrease_factor, p.floor_tier);
                 if to != s.tier {
                     e.tier_changed = Some((s.tier, to));
                     s.tier = to;
@@ -340,12 +373,22 @@ pub(crate) mod tests {
     fn aimd_with_ceiling() {
         let (t, p) = (tiers(), params());
         let mut s = DestState::new(&p, 0);
-        let e = apply(&mut s, Class::RateLimited, false, &t, &p, 10);
-        assert_eq!(e.tier_changed, Some((6, 4)));
-        assert_eq!(e.retry_after, Some(60));
-        // A second 421 from the same burst does not halve again.
+        // The first episode is forgiven until its third reply.
+        let e: Vec<_> = (0..3)
+            .map(|_| apply(&mut s, Class::RateLimited, false, &t, &p, 10))
+            .map(|e| (e.tier_changed, e.retry_after))
+            .collect();
+        assert_eq!(
+            e,
+            [
+                (None, Some(60)),
+                (None, Some(120)),
+                (Some((6, 4)), Some(240))
+            ]
+        );
+        // More 421s from the same burst do not halve again.
         let e = apply(&mut s, Class::RateLimited, false, &t, &p, 11);
-        assert_eq!((e.tier_changed, e.retry_after), (None, Some(120)));
+        assert_eq!((e.tier_changed, e.retry_after), (None, Some(480)));
         // Repeated throttling later keeps halving.
         apply(&mut s, Class::RateLimited, false, &t, &p, 14);
         assert_eq!(s.tier, 2);
@@ -359,6 +402,48 @@ pub(crate) mod tests {
             apply(&mut s, Class::Delivered, false, &t, &p, 700 + i);
         }
         assert_eq!(s.tier, 4, "probes upward after probe_after");
+    }
+
+    #[test]
+    fn small_throttle_episodes_are_forgiven_after_clean_runs() {
+        let (t, p) = (tiers(), params());
+        let p = Params { max_tier: 3, ..p };
+        let mut s = DestState::new(&p, 0);
+        s.tier = 3;
+        // The first episode is forgiven while it stays small: two replies hold the rate.
+        for now in [1, 1] {
+            let e = apply(&mut s, Class::RateLimited, false, &t, &p, now);
+            assert_eq!((e.tier_changed, s.tier), (None, 3));
+            assert!(e.retry_after.is_some(), "the throttled message still waits");
+        }
+        assert_eq!(s.ceiling(), Some(3));
+        // An episode without a clean run before it decreases at once.
+        apply(&mut s, Class::Delivered, false, &t, &p, 4);
+        let e = apply(&mut s, Class::RateLimited, false, &t, &p, 5);
+        assert_eq!(e.tier_changed, Some((3, 1)));
+        // Under the ceiling the streak keeps counting, so after a clean run a small
+        // episode is forgiven again ...
+        let p = Params { max_tier: 8, ..p };
+        for i in 0..2 * p.increase_after {
+            apply(&mut s, Class::Delivered, false, &t, &p, 10 + i);
+        }
+        assert_eq!(
+            s.tier, 2,
+            "climbed to 3/s; the ceiling caps 5/s (> 0.9 × 5/s)"
+        );
+        for now in [20, 21] {
+            let e = apply(&mut s, Class::RateLimited, false, &t, &p, now);
+            assert_eq!((e.tier_changed, s.tier), (None, 2));
+        }
+        // ... until it grows: the third reply of the episode decreases.
+        let e = apply(&mut s, Class::RateLimited, false, &t, &p, 21);
+        assert_eq!(e.tier_changed, Some((2, 0)));
+        // Heavy overload at the start: the third reply decreases within the episode.
+        let mut fresh = DestState::new(&p, 0);
+        let changes: Vec<_> = (0..6)
+            .map(|_| apply(&mut fresh, Class::RateLimited, false, &t, &p, 1).tier_changed)
+            .collect();
+        assert_eq!(changes, [None, None, Some((6, 4)), None, None, None]);
     }
 
     #[test]
