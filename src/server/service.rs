@@ -179,7 +179,7 @@ impl Service {
         if d.defer_block && d.action != Action::Ok {
             if let (Some(status), Some(text)) = (q.status, q.reply) {
                 if let Some(rest) = status.strip_prefix('5') {
-                    m::decision("status", "deferred_block");
+                    m::decision("status", "defer_block");
                     let r = put(scratch, format_args!("4{rest} {text}"));
                     return Answer::action(&scratch[r]);
                 }
