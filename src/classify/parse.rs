@@ -9,6 +9,14 @@
 
 use super::types::{Enhanced, SmtpStage};
 
+/// A [`Needle`] built at compile time.
+macro_rules! ci {
+    ($s:literal) => {{
+        const N: Needle = Needle::new($s);
+        &N
+    }};
+}
+
 /// Replies longer than this are parsed on their first `MAX_REPLY_LEN` bytes only: real
 /// replies are a few hundred bytes, and the bound keeps the per-reply cost bounded.
 pub const MAX_REPLY_LEN: usize = 4096;
@@ -146,7 +154,7 @@ fn bounded(s: &str) -> &str {
 /// A Postfix delivery log line: fills recipient, relay, dsn and returns the text in the
 /// parentheses after `status=…`.
 fn postfix_log<'a>(s: &'a str, p: &mut Parsed<'a>) -> Option<&'a str> {
-    let at = find_ci(s, "status=")?;
+    let at = find_ci(s, ci!("status="))?;
     if at > 0 && !matches!(s.as_bytes()[at - 1], b' ' | b',') {
         return None;
     }
@@ -203,11 +211,11 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     }
     // Postfix smtp(8) forms.
     if let Some(rest) = strip_prefix_ci(s, "host ") {
-        if let Some(i) = find_ci(rest, " said:") {
+        if let Some(i) = find_ci(rest, ci!(" said:")) {
             set_host(p, &rest[..i]);
             return rest[i + 6..].trim_start();
         }
-        if let Some(i) = find_ci(rest, " refused to talk to me:") {
+        if let Some(i) = find_ci(rest, ci!(" refused to talk to me:")) {
             set_host(p, &rest[..i]);
             p.stage = Some(SmtpStage::Greeting);
             return rest[i + " refused to talk to me:".len()..].trim_start();
@@ -225,7 +233,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         if let Some(rest) = strip_prefix_ci(s, lead) {
             let end = rest.find(' ').unwrap_or(rest.len());
             set_host(p, &rest[..end]);
-            p.stage = find_ci(rest, " while ").and_then(|i| stage_of(&rest[i..]));
+            p.stage = find_ci(rest, ci!(" while ")).and_then(|i| stage_of(&rest[i..]));
             p.form = outer(p.form, Form::ConnectionFailure);
             return s;
         }
@@ -239,25 +247,25 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         return s;
     }
     // Exchange NDR: `Remote Server returned '550 5.1.1 …'` (older: `'<host #5.0.0 smtp;550 …>'`).
-    if let Some(i) = find_ci(s, "Remote Server returned '") {
+    if let Some(i) = find_ci(s, ci!("Remote Server returned '")) {
         let inner = &s[i + "Remote Server returned '".len()..];
         let inner = &inner[..inner.rfind('\'').unwrap_or(inner.len())];
         p.form = outer(p.form, Form::ExchangeNdr);
-        let inner = match (inner.starts_with('<'), find_ci(inner, "smtp;")) {
+        let inner = match (inner.starts_with('<'), find_ci(inner, ci!("smtp;"))) {
             (true, Some(j)) => inner[j + 5..].trim_end_matches('>'),
             _ => inner,
         };
         return inner.trim();
     }
     // Exim: `[host NAME [IP] ]SMTP error from remote mail(er|server) after CMD: [host NAME [IP]: ]REPLY`.
-    if let Some(i) = find_ci(s, "SMTP error from remote mail") {
-        if let Some(h) = find_ci(&s[..i], "host ") {
+    if let Some(i) = find_ci(s, ci!("SMTP error from remote mail")) {
+        if let Some(h) = find_ci(&s[..i], ci!("host ")) {
             let before = s[h + 5..i].trim();
             let end = before.find("] ").map(|e| e + 1).unwrap_or(before.len());
             set_host_spaced(p, &before[..end]);
         }
         let rest = &s[i..];
-        if let Some(a) = find_ci(rest, " after ") {
+        if let Some(a) = find_ci(rest, ci!(" after ")) {
             let cmd_and_reply = &rest[a + 7..];
             let colon = colon_space_not_addr(cmd_and_reply);
             let cmd = &cmd_and_reply[..colon.unwrap_or(cmd_and_reply.len())];
@@ -279,15 +287,15 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         }
     }
     // qmail: `IP does not like recipient. Remote host said: …`.
-    if let Some(i) = find_ci(s, "Remote host said:") {
+    if let Some(i) = find_ci(s, ci!("Remote host said:")) {
         let head = &s[..i];
-        p.stage = if find_ci(head, "does not like recipient").is_some() {
+        p.stage = if find_ci(head, ci!("does not like recipient")).is_some() {
             Some(SmtpStage::RcptTo)
-        } else if find_ci(head, "sender was rejected").is_some() {
+        } else if find_ci(head, ci!("sender was rejected")).is_some() {
             Some(SmtpStage::MailFrom)
-        } else if find_ci(head, "my name was rejected").is_some() {
+        } else if find_ci(head, ci!("my name was rejected")).is_some() {
             Some(SmtpStage::Helo)
-        } else if find_ci(head, "after I sent the message").is_some() {
+        } else if find_ci(head, ci!("after I sent the message")).is_some() {
             Some(SmtpStage::EndOfData)
         } else {
             p.stage
@@ -296,7 +304,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         return s[i + "Remote host said:".len()..].trim_start();
     }
     // `NAME [IP] did not like our RCPT TO:550 …`.
-    if let Some(i) = find_ci(s, " did not like our ") {
+    if let Some(i) = find_ci(s, ci!(" did not like our ")) {
         set_host_spaced(p, s[..i].rsplit(": ").next().unwrap_or(""));
         let rest = &s[i + " did not like our ".len()..];
         let colon = rest.find(':').unwrap_or(rest.len());
@@ -306,11 +314,11 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     }
     // Gmail's own bounce and other DSN prose: the remote text follows a fixed phrase.
     for lead in [
-        "The error that the other server returned was:",
-        "The response from the remote server was:",
-        "The response was:",
-        "It responded as follows:",
-        "Reported error:",
+        ci!("The error that the other server returned was:"),
+        ci!("The response from the remote server was:"),
+        ci!("The response was:"),
+        ci!("It responded as follows:"),
+        ci!("Reported error:"),
     ] {
         if let Some(i) = find_ci(s, lead) {
             p.form = outer(p.form, Form::Wrapped);
@@ -382,7 +390,7 @@ fn strip_in_reply_to<'a>(s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     if !t.ends_with(')') {
         return s;
     }
-    if let Some(i) = rfind_ci(t, "(in reply to ") {
+    if let Some(i) = rfind_ci(t, ci!("(in reply to ")) {
         if let Some(stage) = stage_of(&t[i..]) {
             p.stage = Some(stage);
         }
@@ -394,32 +402,33 @@ fn strip_in_reply_to<'a>(s: &'a str, p: &mut Parsed<'a>) -> &'a str {
 /// The SMTP stage a command name or Postfix activity phrase refers to.
 pub fn stage_of(s: &str) -> Option<SmtpStage> {
     // Order matters: "end of DATA" before "DATA", "MAIL FROM" before "HELO" (rare mix).
-    if find_ci(s, "end of data").is_some()
-        || find_ci(s, "final data").is_some()
-        || find_ci(s, "sending end of data").is_some()
+    if find_ci(s, ci!("end of data")).is_some()
+        || find_ci(s, ci!("final data")).is_some()
+        || find_ci(s, ci!("sending end of data")).is_some()
     {
         return Some(SmtpStage::EndOfData);
     }
-    if find_ci(s, "RCPT").is_some() {
+    if find_ci(s, ci!("RCPT")).is_some() {
         return Some(SmtpStage::RcptTo);
     }
-    if find_ci(s, "MAIL FROM").is_some() {
+    if find_ci(s, ci!("MAIL FROM")).is_some() {
         return Some(SmtpStage::MailFrom);
     }
-    if find_ci(s, "initial server greeting").is_some() || find_ci(s, "initial connection").is_some()
+    if find_ci(s, ci!("initial server greeting")).is_some()
+        || find_ci(s, ci!("initial connection")).is_some()
     {
         return Some(SmtpStage::Greeting);
     }
-    if find_ci(s, "HELO").is_some() || find_ci(s, "EHLO").is_some() {
+    if find_ci(s, ci!("HELO")).is_some() || find_ci(s, ci!("EHLO")).is_some() {
         return Some(SmtpStage::Helo);
     }
-    if find_ci(s, "STARTTLS").is_some() || find_ci(s, "TLS negotiation").is_some() {
+    if find_ci(s, ci!("STARTTLS")).is_some() || find_ci(s, ci!("TLS negotiation")).is_some() {
         return Some(SmtpStage::StartTls);
     }
-    if find_ci(s, "DATA").is_some() || find_ci(s, "message body").is_some() {
+    if find_ci(s, ci!("DATA")).is_some() || find_ci(s, ci!("message body")).is_some() {
         return Some(SmtpStage::Data);
     }
-    if find_ci(s, "QUIT").is_some() {
+    if find_ci(s, ci!("QUIT")).is_some() {
         return Some(SmtpStage::Quit);
     }
     None
@@ -606,36 +615,132 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     }
 }
 
-/// ASCII case-insensitive substring search (needles are ASCII). Skips to candidate first
-/// bytes with `memchr2`, so a miss over a few hundred bytes costs tens of nanoseconds.
-pub(crate) fn find_ci(hay: &str, needle: &str) -> Option<usize> {
+/// A needle for [`find_ci`] / [`rfind_ci`] (ASCII), with the byte to skip to chosen when it
+/// is compiled: the rarest one in typical reply text (`=`, `'`, `:` or an uncommon letter)
+/// rather than the first, so a miss costs one `memchr` pass instead of stopping at every
+/// `s`, `r` or `t` of the reply. Build one with [`ci!`].
+pub(crate) struct Needle {
+    bytes: &'static [u8],
+    /// Index of the byte `memchr` looks for.
+    rare: usize,
+}
+
+impl Needle {
+    pub(crate) const fn new(s: &'static str) -> Needle {
+        let bytes = s.as_bytes();
+        let mut rare = 0;
+        let mut i = 1;
+        while i < bytes.len() {
+            if commonness(bytes[i]) < commonness(bytes[rare]) {
+                rare = i;
+            }
+            i += 1;
+        }
+        Needle { bytes, rare }
+    }
+
+    pub(crate) const fn len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// How common a byte is in SMTP reply text (higher = more common); only its order matters.
+const fn commonness(b: u8) -> u8 {
+    match b.to_ascii_lowercase() {
+        b' ' => 255,
+        b'e' => 230,
+        b't' => 220,
+        b'a' => 215,
+        b'o' => 210,
+        b'i' => 205,
+        b'n' => 200,
+        b's' => 195,
+        b'r' => 190,
+        b'l' | b'd' => 160,
+        b'h' | b'c' | b'.' => 150,
+        b'u' => 140,
+        b'm' => 130,
+        b'0'..=b'9' => 120,
+        b'f' | b'p' => 110,
+        b'g' => 100,
+        b'w' | b'y' => 90,
+        b'b' => 80,
+        b'v' => 70,
+        b'k' | b':' | b'-' => 60,
+        b'<' | b'>' | b'@' | b'[' | b']' | b',' => 50,
+        b'x' | b'(' | b')' | b'/' => 40,
+        b'j' | b'\'' | b';' => 30,
+        b'q' | b'z' | b'=' | b'#' => 20,
+        _ => 30,
+    }
+}
+
+impl Needle {
+    /// The byte to skip to, in both cases.
+    #[inline(always)]
+    fn rare_pair(&self) -> (u8, u8) {
+        let b = self.bytes[self.rare];
+        (b.to_ascii_lowercase(), b.to_ascii_uppercase())
+    }
+}
+
+/// ASCII case-insensitive substring search: the first occurrence. Skips to candidates with
+/// `memchr` on the needle's rarest byte, so a miss over a few hundred bytes costs a few
+/// dozen instructions.
+pub(crate) fn find_ci(hay: &str, needle: &Needle) -> Option<usize> {
     let h = hay.as_bytes();
-    let n = needle.as_bytes();
+    let n = needle.bytes;
     if n.is_empty() || h.len() < n.len() {
         return None;
     }
-    let last = h.len() - n.len();
-    let (lo, up) = (n[0].to_ascii_lowercase(), n[0].to_ascii_uppercase());
-    let mut from = 0;
-    while from <= last {
-        let i = from + memchr::memchr2(lo, up, &h[from..=last])?;
+    let k = needle.rare;
+    let (lo, up) = needle.rare_pair();
+    // The rare byte of a match at `i` sits at `i + k`, for `i` in `0..=h.len() - n.len()`.
+    let end = h.len() - n.len() + k;
+    let mut from = k;
+    while from <= end {
+        let window = &h[from..=end];
+        let j = from
+            + if lo == up {
+                memchr::memchr(lo, window)?
+            } else {
+                memchr::memchr2(lo, up, window)?
+            };
+        let i = j - k;
         if h[i..i + n.len()].eq_ignore_ascii_case(n) {
             return Some(i);
         }
-        from = i + 1;
+        from = j + 1;
     }
     None
 }
 
-fn rfind_ci(hay: &str, needle: &str) -> Option<usize> {
+/// Like [`find_ci`], the last occurrence.
+fn rfind_ci(hay: &str, needle: &Needle) -> Option<usize> {
     let h = hay.as_bytes();
-    let n = needle.as_bytes();
+    let n = needle.bytes;
     if n.is_empty() || h.len() < n.len() {
         return None;
     }
-    (0..=h.len() - n.len())
-        .rev()
-        .find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+    let k = needle.rare;
+    let (lo, up) = needle.rare_pair();
+    let mut end = h.len() - n.len() + k;
+    loop {
+        let window = &h[k..=end];
+        let j = k + if lo == up {
+            memchr::memrchr(lo, window)?
+        } else {
+            memchr::memrchr2(lo, up, window)?
+        };
+        let i = j - k;
+        if h[i..i + n.len()].eq_ignore_ascii_case(n) {
+            return Some(i);
+        }
+        if j == k {
+            return None;
+        }
+        end = j - 1;
+    }
 }
 
 #[cfg(test)]
@@ -838,5 +943,40 @@ mod tests {
         let p = parse(&long);
         assert_eq!(p.code, Some(550));
         assert!(p.text.len() <= MAX_REPLY_LEN);
+    }
+
+    #[test]
+    fn case_insensitive_search_finds_first_and_last() {
+        let needles = [
+            ci!("status="),
+            ci!("abc"),
+            ci!(" did not like our "),
+            ci!("x"),
+            ci!("aa"),
+        ];
+        let hays = [
+            "",
+            "a",
+            "STATUS=x status=",
+            "abcABCaBc",
+            "xx did NOT like our x",
+            "aaaa",
+            "=status=",
+            "ab",
+        ];
+        for n in needles {
+            assert!(n.rare < n.len());
+            for h in hays {
+                let hb = h.as_bytes();
+                let hits: Vec<usize> = (0..hb.len())
+                    .filter(|&i| {
+                        hb.len() - i >= n.len() && hb[i..i + n.len()].eq_ignore_ascii_case(n.bytes)
+                    })
+                    .collect();
+                assert_eq!(find_ci(h, n), hits.first().copied(), "{h:?}");
+                assert_eq!(rfind_ci(h, n), hits.last().copied(), "{h:?}");
+            }
+        }
+        assert_eq!(ci!("status=").bytes[ci!("status=").rare], b'=');
     }
 }
