@@ -490,8 +490,12 @@ fn embedded_reply(s: &str) -> Option<(u16, Option<Enhanced>, &str)> {
     let limit = b.len().min(400);
     let mut i = 1;
     while i + 4 < limit {
-        if matches!(b[i], b'4' | b'5')
-            && matches!(b[i - 1], b' ' | b'\'' | b'"' | b'[' | b'(')
+        // Skip to the next 4 or 5: most of the text holds none.
+        match memchr::memchr2(b'4', b'5', &b[i..limit - 4]) {
+            Some(k) => i += k,
+            None => break,
+        }
+        if matches!(b[i - 1], b' ' | b'\'' | b'"' | b'[' | b'(')
             && (i < 2 || matches!(b[i - 2], b':' | b' ' | b'\'' | b'"' | b'['))
         {
             let (code, enhanced, rest) = leading_codes(&s[i..]);
@@ -514,7 +518,15 @@ fn embedded_reply(s: &str) -> Option<(u16, Option<Enhanced>, &str)> {
 
 /// qmail's `(#5.1.1)` status at the end of its prose.
 fn qmail_status(s: &str) -> Option<Enhanced> {
-    let i = s.find("(#")?;
+    let b = s.as_bytes();
+    let mut from = 1;
+    let i = loop {
+        let j = from + memchr::memchr(b'#', b.get(from..)?)?;
+        if b[j - 1] == b'(' {
+            break j - 1;
+        }
+        from = j + 1;
+    };
     let r = &s[i + 2..];
     let j = r.find(')')?;
     Enhanced::parse(&r[..j])
@@ -532,11 +544,25 @@ fn code_digits(c: u16) -> [u8; 3] {
 /// repeated after a space.
 pub fn needs_strip(text: &str, code: Option<u16>) -> bool {
     let b = text.as_bytes();
-    b.iter().any(|&c| c == b'\n' || c == b'\r')
-        || code.map(code_digits).is_some_and(|cb| {
-            b.windows(5)
-                .any(|w| w[0] == b' ' && w[1..4] == cb && matches!(w[4], b' ' | b'-'))
-        })
+    if memchr::memchr2(b'\n', b'\r', b).is_some() {
+        return true;
+    }
+    let Some(cb) = code.map(code_digits) else {
+        return false;
+    };
+    // ` DDD ` or ` DDD-`: skip to each occurrence of the code's first digit at 1..len-4.
+    let mut from = 1;
+    while from + 4 <= b.len() {
+        let i = match memchr::memchr(cb[0], &b[from..b.len() - 3]) {
+            Some(k) => from + k,
+            None => return false,
+        };
+        if b[i - 1] == b' ' && b[i + 1..i + 3] == cb[1..] && matches!(b[i + 3], b' ' | b'-') {
+            return true;
+        }
+        from = i + 1;
+    }
+    false
 }
 
 /// Rewrites multi-line replies for matching: continuation codes (`421-4.7.28`, or the same
@@ -978,5 +1004,42 @@ mod tests {
             }
         }
         assert_eq!(ci!("status=").bytes[ci!("status=").rare], b'=');
+    }
+
+    #[test]
+    fn needs_strip_matches_its_definition() {
+        let plain = |text: &str, code: Option<u16>| {
+            let b = text.as_bytes();
+            b.iter().any(|&c| c == b'\n' || c == b'\r')
+                || code.map(code_digits).is_some_and(|cb| {
+                    b.windows(5)
+                        .any(|w| w[0] == b' ' && w[1..4] == cb && matches!(w[4], b' ' | b'-'))
+                })
+        };
+        let texts = [
+            "",
+            "550",
+            " 550 ",
+            " 550-",
+            "x 550 y",
+            "x 550",
+            "550 x",
+            " 5505 ",
+            "a\rb",
+            "line\n",
+            " 55 550",
+            "5 550-5.7.1",
+            " 421 4.7.0 and 421-x",
+            "x 450 x",
+            " 550 550 ",
+        ];
+        for t in texts {
+            for code in [None, Some(550), Some(421)] {
+                assert_eq!(needs_strip(t, code), plain(t, code), "{t:?} {code:?}");
+            }
+        }
+        assert_eq!(qmail_status("no (#5.1.1) x"), e("5.1.1"));
+        assert_eq!(qmail_status("#(# (#4.2.2)"), None);
+        assert_eq!(qmail_status("#x (#4.2.2)"), e("4.2.2"));
     }
 }

@@ -101,14 +101,14 @@ pub(crate) fn build(
 }
 
 /// Finds every occurrence of a set of literals (ASCII case-insensitive, each at least three
-/// bytes long). A bit filter over the hashed first three bytes of every literal rejects most
-/// offsets with one L1 load; where it passes, the next eight bytes are loaded, lowercased
-/// in one word, and looked up by the literal's first eight bytes (or four, or three, for
-/// shorter literals) in small open-addressing tables.
+/// bytes long). A bit filter over the low five bits of the first three bytes of every
+/// literal rejects most offsets with one L1 load; where it passes, the next eight bytes are
+/// loaded, lowercased in one word, and looked up by the literal's first eight bytes (or
+/// four, or three, for shorter literals) in small open-addressing tables.
 #[derive(Debug)]
 pub(crate) struct Scanner {
-    /// `HEAD_BITS`-bit filter over `head_hash` of each literal's first three bytes.
-    head: Box<[u64]>,
+    /// Bit filter indexed by [`head_key`] of each literal's first three bytes.
+    head: Box<[u64; HEAD_WORDS]>,
     eight: Table,
     four: Table,
     three: Table,
@@ -140,12 +140,16 @@ fn lower(b: u8) -> u8 {
     b | (((b.wrapping_sub(b'A') < 26) as u8) << 5)
 }
 
-/// Size of the head filter: 8 KiB, so it stays in L1.
-const HEAD_BITS: u32 = 16;
+/// Size of the head filter: 4 KiB, so it stays in L1.
+const HEAD_WORDS: usize = (1 << 15) / 64;
 
+/// The low five bits of each of three bytes, in 15 bits. ASCII letters keep exactly the
+/// bits that do not depend on case, so the text needs no lowercasing here; other bytes
+/// may collide (a digit with a letter), which only lets a few more offsets through to the
+/// exact tables.
 #[inline(always)]
-fn head_hash(k3: u64) -> usize {
-    (k3.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - HEAD_BITS)) as usize
+fn head_key(a: u8, b: u8, c: u8) -> usize {
+    ((a & 31) as usize) << 10 | ((b & 31) as usize) << 5 | (c & 31) as usize
 }
 
 /// Up to eight bytes from the start of `b`, big-endian (first byte highest, zero-padded),
@@ -255,9 +259,9 @@ impl Scanner {
                 _ => eight.push((key(l, 8), i as u32)),
             }
         }
-        let mut head = vec![0u64; (1 << HEAD_BITS) / 64].into_boxed_slice();
+        let mut head = Box::new([0u64; HEAD_WORDS]);
         for l in lits.iter().filter(|l| l.len() >= 3) {
-            let h = head_hash(key(l, 3));
+            let h = head_key(l[0], l[1], l[2]);
             head[h / 64] |= 1 << (h % 64);
         }
         Scanner {
@@ -272,16 +276,16 @@ impl Scanner {
     /// Calls `f(literal id, start)` for every occurrence of every literal.
     #[inline]
     pub fn for_each(&self, text: &[u8], mut f: impl FnMut(usize, usize)) {
-        // `w` holds the last three bytes read, lowercased; the 3-gram starting at
-        // `end - 2` decides whether offset `end - 2` deserves a closer look.
-        let mut w = 0u32;
-        for (end, &b) in text.iter().enumerate() {
-            w = (w << 8 | lower(b) as u32) & 0xFF_FFFF;
-            let h = head_hash(w as u64);
-            if end < 2 || self.head[h / 64] & (1 << (h % 64)) == 0 {
+        if text.len() < 3 {
+            return;
+        }
+        // `k` holds the head key of the three bytes at `start`; it rolls five bits a byte.
+        let mut k = head_key(0, text[0], text[1]);
+        for (start, &b) in text[2..].iter().enumerate() {
+            k = (k << 5 | (b & 31) as usize) & 0x7FFF;
+            if self.head[k / 64] & (1 << (k % 64)) == 0 {
                 continue;
             }
-            let start = end - 2;
             let k8 = load8_lower(&text[start..]);
             for &id in self.three.get(k8 >> 40) {
                 f(id as usize, start);
