@@ -464,8 +464,9 @@ impl Classifier {
         if host.is_empty() {
             return ProviderId::NONE;
         }
+        let host = host.trim_end_matches('.').as_bytes();
         rules::provider_index(&self.inner.providers, |p| {
-            p.mx.iter().any(|g| g.matches(host))
+            p.mx.iter().any(|g| g.matches_trimmed(host))
         })
     }
 
@@ -475,8 +476,9 @@ impl Classifier {
         if domain.is_empty() {
             return ProviderId::NONE;
         }
+        let domain = domain.trim_end_matches('.').as_bytes();
         rules::provider_index(&self.inner.providers, |p| {
-            p.domains.iter().any(|g| g.matches(domain))
+            p.domains.iter().any(|g| g.matches_trimmed(domain))
         })
     }
 

@@ -313,19 +313,42 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         return rest.get(colon + 1..).unwrap_or("").trim_start();
     }
     // Gmail's own bounce and other DSN prose: the remote text follows a fixed phrase.
-    for lead in [
-        ci!("The error that the other server returned was:"),
-        ci!("The response from the remote server was:"),
-        ci!("The response was:"),
-        ci!("It responded as follows:"),
-        ci!("Reported error:"),
-    ] {
-        if let Some(i) = find_ci(s, lead) {
-            p.form = outer(p.form, Form::Wrapped);
-            return s[i + lead.len()..].trim_start().trim_start_matches('[');
-        }
+    if let Some(end) = after_lead(s) {
+        p.form = outer(p.form, Form::Wrapped);
+        return s[end..].trim_start().trim_start_matches('[');
     }
     s
+}
+
+/// Phrases after which DSN prose quotes the remote reply, in order of preference. Each ends
+/// with `:`, so one pass over the colons finds them all.
+const LEADS: [&[u8]; 5] = [
+    b"The error that the other server returned was:",
+    b"The response from the remote server was:",
+    b"The response was:",
+    b"It responded as follows:",
+    b"Reported error:",
+];
+
+/// The end of the first occurrence of the most preferred of [`LEADS`] that occurs in `s`.
+fn after_lead(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut found = [None; LEADS.len()];
+    for colon in memchr::memchr_iter(b':', b) {
+        let end = colon + 1;
+        for (k, lead) in LEADS.iter().enumerate() {
+            if found[k].is_none()
+                && end >= lead.len()
+                && b[end - lead.len()..end].eq_ignore_ascii_case(lead)
+            {
+                found[k] = Some(end);
+            }
+        }
+        if found[0].is_some() {
+            break;
+        }
+    }
+    found.into_iter().flatten().next()
 }
 
 /// `name[ip]` (Postfix) into the context.
@@ -1041,5 +1064,28 @@ mod tests {
         assert_eq!(qmail_status("no (#5.1.1) x"), e("5.1.1"));
         assert_eq!(qmail_status("#(# (#4.2.2)"), None);
         assert_eq!(qmail_status("#x (#4.2.2)"), e("4.2.2"));
+    }
+
+    #[test]
+    fn leads_keep_their_preference() {
+        let plain = |s: &str| {
+            LEADS.iter().find_map(|l| {
+                let (h, n) = (s.as_bytes(), *l);
+                (0..=h.len().saturating_sub(n.len()))
+                    .find(|&i| h.len() >= n.len() && h[i..i + n.len()].eq_ignore_ascii_case(n))
+                    .map(|i| i + n.len())
+            })
+        };
+        for s in [
+            "",
+            "x: y",
+            "Reported error: a The response was: b",
+            "the RESPONSE was: 550 x. The response was: y",
+            "It responded as follows: The error that the other server returned was: 5",
+            "response was:",
+        ] {
+            assert_eq!(after_lead(s), plain(s), "{s}");
+        }
+        assert!(LEADS.iter().all(|l| l.ends_with(b":")));
     }
 }

@@ -302,7 +302,13 @@ impl Glob {
 
     /// ASCII case-insensitive match without allocation.
     pub fn matches(&self, s: &str) -> bool {
-        let s = s.trim_end_matches('.').as_bytes();
+        self.matches_trimmed(s.trim_end_matches('.').as_bytes())
+    }
+
+    /// [`matches`](Self::matches) for a name whose trailing dots are already gone (the
+    /// provider lookups trim once, then try every pattern).
+    #[inline]
+    pub fn matches_trimmed(&self, s: &[u8]) -> bool {
         match self {
             Glob::Exact(p) => s.eq_ignore_ascii_case(p.as_bytes()),
             Glob::Suffix(p) => {
