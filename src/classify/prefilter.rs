@@ -25,6 +25,13 @@ const MAX_LITERALS_PER_RULE: usize = 512;
 /// One extracted prefix set is shortened until it has at most this many literals.
 const MAX_PREFIXES: usize = 64;
 
+/// The literal occurrence is a whole match of the target's regex.
+pub(crate) const PROVES: u8 = 1;
+/// … provided an ASCII word boundary sits right before it (`\b` leads the alternative).
+pub(crate) const WB_BEFORE: u8 = 2;
+/// … provided an ASCII word boundary sits right after it.
+pub(crate) const WB_AFTER: u8 = 4;
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Target {
     Rule(u32),
@@ -34,9 +41,13 @@ pub(crate) enum Target {
 #[derive(Debug)]
 pub(crate) struct Prefilter {
     pub scanner: Scanner,
-    /// Per literal: the range of `targets` it lights up.
+    /// Per literal: the range of `targets` (and `proofs`) it lights up.
     pub spans: Vec<(u32, u32)>,
     pub targets: Vec<Target>,
+    /// Per entry of `targets`: whether an occurrence of the literal is by itself a match of
+    /// the target's regex ([`PROVES`]), given the word boundaries it asks for. Such
+    /// candidates need no regex run.
+    pub proofs: Vec<u8>,
     /// Rules that are candidates for every reply (bitset over rule indices).
     pub always_rules: Vec<u64>,
     /// Tokens that must always be checked.
@@ -51,7 +62,7 @@ pub(crate) fn build(
     n_rules: usize,
     n_tokens: usize,
 ) -> Prefilter {
-    let mut by_literal: HashMap<Vec<u8>, Vec<Target>> = HashMap::new();
+    let mut by_literal: HashMap<Vec<u8>, Vec<(Target, u8)>> = HashMap::new();
     let mut order: Vec<Vec<u8>> = Vec::new();
     let mut always_rules = vec![0u64; n_rules.div_ceil(64)];
     let mut always_tokens = Vec::new();
@@ -64,14 +75,23 @@ pub(crate) fn build(
                     Target::Rule(r) => rule_anchored[r as usize] = anchored,
                     Target::Token(t) => token_anchored[t as usize] = anchored,
                 }
+                let exact = if anchored {
+                    pattern.map(exact_literals).unwrap_or_default()
+                } else {
+                    HashMap::new()
+                };
                 for lit in lits {
                     let key = lit.to_ascii_lowercase();
+                    let proof = exact.get(&key).copied().unwrap_or(0);
                     let entry = by_literal.entry(key.clone()).or_insert_with(|| {
                         order.push(key);
                         Vec::new()
                     });
-                    if !entry.contains(&target) {
-                        entry.push(target);
+                    match entry.iter_mut().find(|(t, _)| *t == target) {
+                        // Two spellings of one literal (case): either proof holds.
+                        Some((_, p)) if *p == 0 => *p = proof,
+                        Some(_) => {}
+                        None => entry.push((target, proof)),
                     }
                 }
             }
@@ -83,16 +103,19 @@ pub(crate) fn build(
     }
     let mut spans = Vec::with_capacity(order.len());
     let mut targets = Vec::new();
+    let mut proofs = Vec::new();
     for lit in &order {
         let t = &by_literal[lit];
         spans.push((targets.len() as u32, (targets.len() + t.len()) as u32));
-        targets.extend_from_slice(t);
+        targets.extend(t.iter().map(|e| e.0));
+        proofs.extend(t.iter().map(|e| e.1));
     }
     let scanner = Scanner::new(&order);
     Prefilter {
         scanner,
         spans,
         targets,
+        proofs,
         always_rules,
         always_tokens,
         rule_anchored,
@@ -273,6 +296,12 @@ impl Scanner {
         }
     }
 
+    /// Length of literal `id` in bytes.
+    #[inline]
+    pub fn literal_len(&self, id: usize) -> usize {
+        self.lits[id].len()
+    }
+
     /// Calls `f(literal id, start)` for every occurrence of every literal.
     #[inline]
     pub fn for_each(&self, text: &[u8], mut f: impl FnMut(usize, usize)) {
@@ -319,6 +348,74 @@ impl Scanner {
             f(id as usize, start);
         }
     }
+}
+
+/// Literals (lowercased) whose occurrence alone is a match of `pattern`, with the word
+/// boundaries each needs ([`PROVES`] | [`WB_BEFORE`] | [`WB_AFTER`]): the exact literals of
+/// top-level alternatives that contain no look-around except an ASCII `\b` at either end.
+/// The rule regexes are case-insensitive, so an ASCII-case-insensitive occurrence of such a
+/// literal is a match. Patterns with inline flags or groups other than `(?:` are left alone
+/// (a `(?-i)` would make a literal case-sensitive).
+pub(crate) fn exact_literals(pattern: &str) -> HashMap<Vec<u8>, u8> {
+    use regex_syntax::hir::Look;
+    let mut out = HashMap::new();
+    if pattern
+        .match_indices("(?")
+        .any(|(i, _)| !pattern[i + 2..].starts_with(':'))
+    {
+        return out;
+    }
+    let Ok(hir) = regex_syntax::ParserBuilder::new()
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(pattern)
+    else {
+        return out;
+    };
+    let strip = |mut h: &Hir| -> Hir {
+        while let HirKind::Capture(c) = h.kind() {
+            h = &c.sub;
+        }
+        h.clone()
+    };
+    let top = strip(&hir);
+    let alts: Vec<Hir> = match top.kind() {
+        HirKind::Alternation(a) => a.iter().map(strip).collect(),
+        _ => vec![top.clone()],
+    };
+    let is_wb = |h: &Hir| matches!(h.kind(), HirKind::Look(Look::WordAscii));
+    for alt in alts {
+        let mut flags = PROVES;
+        let middle = match alt.kind() {
+            HirKind::Concat(parts) => {
+                let mut parts = &parts[..];
+                if parts.first().is_some_and(is_wb) {
+                    flags |= WB_BEFORE;
+                    parts = &parts[1..];
+                }
+                if parts.last().is_some_and(is_wb) {
+                    flags |= WB_AFTER;
+                    parts = &parts[..parts.len() - 1];
+                }
+                Hir::concat(parts.to_vec())
+            }
+            _ => alt.clone(),
+        };
+        if !middle.properties().look_set().is_empty() {
+            continue;
+        }
+        let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&middle);
+        for lit in seq.literals().unwrap_or(&[]) {
+            let b = lit.as_bytes();
+            if lit.is_exact() && !b.is_empty() && caseless_prefix(b) == b {
+                let e = out.entry(b.to_ascii_lowercase()).or_insert(flags);
+                // Two alternatives spell the same literal: the weaker condition holds.
+                *e &= flags;
+            }
+        }
+    }
+    out
 }
 
 /// Literals one of which occurs in every match of a pattern.
@@ -606,5 +703,86 @@ mod tests {
                 "{p}: {l:?} not in {hay}"
             );
         }
+    }
+
+    #[test]
+    fn exact_literals_of_alternatives() {
+        let cases: &[(&str, &[(&str, u8)])] = &[
+            ("spam|junk", &[("spam", PROVES), ("junk", PROVES)]),
+            (
+                r"\bUBE\b|Spam",
+                &[("ube", PROVES | WB_BEFORE | WB_AFTER), ("spam", PROVES)],
+            ),
+            (r"\bspam|spam", &[("spam", PROVES)]),
+            (
+                "mailbox (is )?full",
+                &[("mailbox full", PROVES), ("mailbox is full", PROVES)],
+            ),
+            (
+                "(?:spf|dkim) fail",
+                &[("spf fail", PROVES), ("dkim fail", PROVES)],
+            ),
+            ("junk|abc.*x|^start|a\\bb", &[("junk", PROVES)]),
+            ("(?-i)abc", &[]),
+            (r"\(?abc", &[]),
+            (r"\d+ bytes", &[]),
+        ];
+        for (p, want) in cases {
+            let mut want: Vec<(Vec<u8>, u8)> = want
+                .iter()
+                .map(|(l, f)| (l.as_bytes().to_vec(), *f))
+                .collect();
+            want.sort();
+            let mut got: Vec<(Vec<u8>, u8)> = exact_literals(p).into_iter().collect();
+            got.sort();
+            assert_eq!(got, want, "{p}");
+        }
+    }
+
+    #[test]
+    fn exact_literals_of_the_builtin_rules_are_matches() {
+        let mut n = 0;
+        for (_, text) in crate::classify::BUILTIN_SOURCES {
+            let v: toml::Value = toml::from_str(text).unwrap();
+            let mut patterns: Vec<String> = Vec::new();
+            for r in v
+                .get("rule")
+                .and_then(|r| r.as_array())
+                .into_iter()
+                .flatten()
+            {
+                patterns.extend(r.get("text").and_then(|t| t.as_str()).map(String::from));
+            }
+            if let Some(t) = v
+                .get("provider")
+                .and_then(|p| p.get("tokens"))
+                .and_then(|t| t.as_array())
+            {
+                patterns.extend(t.iter().filter_map(|t| t.as_str()).map(String::from));
+            }
+            for p in patterns {
+                let re = crate::classify::rules::build_regex(&p).unwrap();
+                for (lit, flags) in exact_literals(&p) {
+                    let lit = String::from_utf8(lit).unwrap();
+                    // Spaces around it give the boundaries a literal of word bytes asks for.
+                    let word =
+                        |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if (flags & WB_BEFORE != 0 && !word(lit.chars().next()))
+                        || (flags & WB_AFTER != 0 && !word(lit.chars().last()))
+                    {
+                        continue;
+                    }
+                    for hay in [
+                        format!("x {lit} y"),
+                        format!("x {} y", lit.to_ascii_uppercase()),
+                    ] {
+                        let m = re.find(&hay).unwrap_or_else(|| panic!("{p}: {hay:?}"));
+                        assert_eq!(m.start(), 2, "{p}: {hay:?}");
+                    }
+                    n += 1;
+                }
+            }
+        }
+        assert!(n > 100, "{n} exact literals");
     }
 }

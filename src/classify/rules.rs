@@ -301,6 +301,7 @@ impl Glob {
     }
 
     /// ASCII case-insensitive match without allocation.
+    #[cfg(test)]
     pub fn matches(&self, s: &str) -> bool {
         self.matches_trimmed(s.trim_end_matches('.').as_bytes())
     }
