@@ -689,34 +689,32 @@ impl Needle {
     }
 }
 
-/// How common a byte is in SMTP reply text (higher = more common); only its order matters.
+/// How common a byte is in SMTP reply text (higher = more common; about twice its share
+/// in per mille of the public bounce corpus); only the order matters.
 const fn commonness(b: u8) -> u8 {
     match b.to_ascii_lowercase() {
         b' ' => 255,
-        b'e' => 230,
-        b't' => 220,
-        b'a' => 215,
-        b'o' => 210,
-        b'i' => 205,
-        b'n' => 200,
-        b's' => 195,
-        b'r' => 190,
-        b'l' | b'd' => 160,
-        b'h' | b'c' | b'.' => 150,
-        b'u' => 140,
-        b'm' => 130,
-        b'0'..=b'9' => 120,
-        b'f' | b'p' => 110,
-        b'g' => 100,
-        b'w' | b'y' => 90,
-        b'b' => 80,
-        b'v' => 70,
-        b'k' | b':' | b'-' => 60,
-        b'<' | b'>' | b'@' | b'[' | b']' | b',' => 50,
-        b'x' | b'(' | b')' | b'/' => 40,
-        b'j' | b'\'' | b';' => 30,
-        b'q' | b'z' | b'=' | b'#' => 20,
-        _ => 30,
+        b'e' => 200,
+        b'o' => 140,
+        b't' => 120,
+        b'i' | b'r' => 115,
+        b'a' => 112,
+        b'n' | b's' | b'.' => 105,
+        b'm' => 76,
+        b'l' | b'p' | b'd' => 64,
+        b'c' => 56,
+        b'u' => 44,
+        b'0'..=b'9' | b'h' => 30,
+        b'g' => 25,
+        b':' | b'f' => 23,
+        b'k' | b'b' | b'x' => 20,
+        b'-' => 18,
+        b'/' | b'y' | b'j' => 15,
+        b'v' | b'w' => 13,
+        b'@' => 8,
+        b',' | b'z' | b'q' | b'\'' => 3,
+        b'=' | b';' | b'#' => 2,
+        _ => 5,
     }
 }
 
