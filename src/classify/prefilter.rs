@@ -184,10 +184,15 @@ fn head_key(a: u8, b: u8, c: u8, d: u8) -> usize {
 /// with ASCII letters lowercased in one word operation.
 #[inline(always)]
 fn load8_lower(b: &[u8]) -> u64 {
-    let mut buf = [0u8; 8];
-    let n = b.len().min(8);
-    buf[..n].copy_from_slice(&b[..n]);
-    let x = u64::from_be_bytes(buf);
+    let x = match b.first_chunk::<8>() {
+        // One unaligned load; the byte copy below is only for the last few bytes of a text.
+        Some(w) => u64::from_be_bytes(*w),
+        None => {
+            let mut buf = [0u8; 8];
+            buf[..b.len()].copy_from_slice(b);
+            u64::from_be_bytes(buf)
+        }
+    };
     const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let seven = x & LOW7;
