@@ -126,6 +126,9 @@ impl Default for Classifier {
 
 /// Marks token keys apart from rule indices in [`Hits`].
 const TOKEN_KEY: u16 = 0x8000;
+/// Marks the keys of rules' `unless` patterns (rule indices stay below `MAX_RULES`).
+const UNLESS_KEY: u16 = 0x4000;
+const _: () = assert!(rules::MAX_RULES <= UNLESS_KEY as usize);
 
 /// Where the prefilter's literals occurred: (rule or token key, start offset, whether the
 /// occurrence is by itself a match). Bounded; on overflow every candidate is verified with
@@ -155,6 +158,12 @@ impl Hits {
         } else {
             self.overflow = true;
         }
+    }
+
+    /// Did a literal of `key` occur?
+    #[inline]
+    fn has(&self, key: u16) -> bool {
+        self.at[..self.len].iter().any(|h| h.0 == key)
     }
 
     /// Does `re` match `text`? For anchored candidates only at the literal offsets: a match
@@ -333,6 +342,7 @@ impl Classifier {
                             rules[r as usize / 64] |= 1 << (r % 64);
                             r as u16
                         }
+                        prefilter::Target::Unless(r) => UNLESS_KEY | r as u16,
                         prefilter::Target::Token(k) => {
                             tokens[k as usize / 64] |= 1 << (k % 64);
                             TOKEN_KEY | k as u16
@@ -411,7 +421,15 @@ impl Classifier {
                     }
                 }
                 if let Some(re) = &rule.unless {
-                    if re.is_match(text) {
+                    // An indexed `unless` can only match where one of its literals occurred.
+                    let key = UNLESS_KEY | r as u16;
+                    let matched = if pf.unless_indexed[r] {
+                        (hits.overflow || hits.has(key))
+                            && hits.verify(re, pf.unless_anchored[r], key, text)
+                    } else {
+                        re.is_match(text)
+                    };
+                    if matched {
                         continue;
                     }
                 }

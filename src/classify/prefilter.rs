@@ -36,6 +36,8 @@ pub(crate) const WB_AFTER: u8 = 4;
 pub(crate) enum Target {
     Rule(u32),
     Token(u32),
+    /// A rule's `unless` pattern: when none of its literals occurs, it cannot match.
+    Unless(u32),
 }
 
 #[derive(Debug)]
@@ -55,6 +57,10 @@ pub(crate) struct Prefilter {
     /// Per rule / token: its literals start every match (verify anchored at each hit).
     pub rule_anchored: Vec<bool>,
     pub token_anchored: Vec<bool>,
+    /// Per rule: its `unless` pattern has literals in the scanner (else it is always run),
+    /// and whether they start every match.
+    pub unless_indexed: Vec<bool>,
+    pub unless_anchored: Vec<bool>,
 }
 
 pub(crate) fn build(
@@ -68,12 +74,18 @@ pub(crate) fn build(
     let mut always_tokens = Vec::new();
     let mut rule_anchored = vec![false; n_rules];
     let mut token_anchored = vec![false; n_tokens];
+    let mut unless_indexed = vec![false; n_rules];
+    let mut unless_anchored = vec![false; n_rules];
     for &(target, pattern) in inputs {
         match pattern.and_then(required_literals) {
             Some(Required { lits, anchored }) => {
                 match target {
                     Target::Rule(r) => rule_anchored[r as usize] = anchored,
                     Target::Token(t) => token_anchored[t as usize] = anchored,
+                    Target::Unless(r) => {
+                        unless_indexed[r as usize] = true;
+                        unless_anchored[r as usize] = anchored;
+                    }
                 }
                 let exact = if anchored {
                     pattern.map(exact_literals).unwrap_or_default()
@@ -98,6 +110,7 @@ pub(crate) fn build(
             None => match target {
                 Target::Rule(r) => always_rules[r as usize / 64] |= 1 << (r % 64),
                 Target::Token(t) => always_tokens.push(t),
+                Target::Unless(_) => {}
             },
         }
     }
@@ -120,6 +133,8 @@ pub(crate) fn build(
         always_tokens,
         rule_anchored,
         token_anchored,
+        unless_indexed,
+        unless_anchored,
     }
 }
 

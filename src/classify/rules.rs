@@ -228,6 +228,8 @@ pub(crate) struct Rule {
     /// The `text` pattern as written (for the prefilter's literal extraction).
     pub text_source: Option<Box<str>>,
     pub unless: Option<Regex>,
+    /// The `unless` pattern as written (prefilter literals, like `text_source`).
+    pub unless_source: Option<Box<str>>,
     pub code: Box<[Range]>,
     pub enhanced: Box<[EnhancedPattern]>,
     /// Bit `1 << stage index`; 0 = any stage.
@@ -595,6 +597,7 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
             text,
             text_source: def.text.as_deref().map(Into::into),
             unless,
+            unless_source: def.unless.as_deref().map(Into::into),
             code,
             enhanced,
             stages,
@@ -643,6 +646,9 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
     let mut inputs: Vec<(Target, Option<&str>)> = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         inputs.push((Target::Rule(i as u32), r.text_source.as_deref()));
+        if r.unless_source.is_some() {
+            inputs.push((Target::Unless(i as u32), r.unless_source.as_deref()));
+        }
     }
     for (i, t) in tokens.iter().enumerate() {
         inputs.push((Target::Token(i as u32), Some(&*t.source)));
