@@ -476,16 +476,24 @@ fn leading_codes(s: &str) -> (Option<u16>, Option<Enhanced>, &str) {
     let Some((code, mut rest)) = base_code(t) else {
         return (None, None, s);
     };
-    rest = rest.trim_start_matches([' ', '-', ':']);
-    let r = rest.trim_start_matches(['#', '\'']);
+    rest = skip_bytes(rest, b" -:");
+    let r = skip_bytes(rest, b"#'");
     let end = r
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .bytes()
+        .position(|c| !(c.is_ascii_digit() || c == b'.'))
         .unwrap_or(r.len());
     let enhanced = Enhanced::parse(&r[..end]).filter(|e| e.class as u16 == code / 100);
     if enhanced.is_some() {
         rest = &r[end..];
     }
-    (Some(code), enhanced, rest.trim_start_matches([' ', '-']))
+    (Some(code), enhanced, skip_bytes(rest, b" -"))
+}
+
+/// `s` without its leading bytes from `set` (ASCII, so the cut is a character boundary).
+#[inline]
+fn skip_bytes<'a>(s: &'a str, set: &[u8]) -> &'a str {
+    let n = s.bytes().take_while(|b| set.contains(b)).count();
+    &s[n..]
 }
 
 /// `[245]\d\d` followed by a space, `-`, `:` or the end.

@@ -357,8 +357,9 @@ impl Scanner {
         }
     }
 
-    /// The literals that occur at `start`, whose head key passed the filter.
-    #[inline(always)]
+    /// The literals that occur at `start`, whose head key passed the filter. Kept out of
+    /// line: the per-byte loop then holds its state in registers.
+    #[inline(never)]
     fn probe(&self, text: &[u8], start: usize, f: &mut impl FnMut(usize, usize)) {
         {
             let k8 = load8_lower(&text[start..]);
