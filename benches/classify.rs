@@ -4,7 +4,7 @@
 //! `classify: N replies/s, X ns/reply` line from its own timed loop, for notes and
 //! `benches/RESULTS.md`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use mxpace::classify::{Classifier, Hints};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -106,4 +106,27 @@ fn bench(cr: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// `MXPACE_BENCH_PASSES=N` runs exactly N passes (after one warm-up pass) and skips
+/// criterion, so an instruction-counting profiler sees a fixed, small amount of work.
+fn main() {
+    if let Some(n) = std::env::var("MXPACE_BENCH_PASSES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let c = Classifier::builtin();
+        let replies = replies();
+        for r in &replies {
+            black_box(c.classify(r, Hints::default()));
+        }
+        for _ in 0..n {
+            for r in &replies {
+                black_box(c.classify(black_box(r), Hints::default()));
+            }
+        }
+        println!("classify: {} passes of {} replies", n, replies.len());
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -137,3 +137,78 @@ fn corpus_agrees_with_sisimai() {
     assert!(scored >= 300, "corpus shrank: {scored} scored rows");
     assert!(pct >= 90.0, "agreement {pct:.1}% < 90%");
 }
+
+/// Every data row's full verdict, pinned: a change to the matcher (prefilter, regex engine,
+/// parser) must not move any row to another class, provider, blamed identity, permanence,
+/// code or deciding rule. Each row is classified as given, as a Postfix status-filter key,
+/// upper-cased, and with a Gmail MX hint (so provider-scoped rules are exercised for all).
+/// After an intended rule change, regenerate the file with `MXPACE_BLESS_VERDICTS=1`.
+#[test]
+fn verdicts_are_pinned() {
+    const PINNED: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/integration/classify_verdicts.tsv"
+    );
+    let c = Classifier::builtin();
+    let mut rows: Vec<(String, &str)> = Vec::new();
+    for (i, line) in SEED.lines().enumerate() {
+        if !line.starts_with('#') && !line.trim().is_empty() {
+            rows.push((format!("seed:{}", i + 1), line.split('\t').next().unwrap()));
+        }
+    }
+    for (i, line) in CORPUS.lines().enumerate().skip(1) {
+        rows.push((format!("dev:{}", i + 1), line.split('\t').next().unwrap()));
+    }
+    let gmail = Hints {
+        mx_host: Some("gmail-smtp-in.l.google.com"),
+        status: Some("4.7.0"),
+    };
+    let mut got = String::new();
+    for (at, reply) in &rows {
+        let key = format!(
+            "4.0.0 host mx.example.net[192.0.2.1] said: {reply} (in reply to RCPT TO command)"
+        );
+        let upper = reply.to_ascii_uppercase();
+        for (variant, text, hints) in [
+            ("plain", *reply, Hints::default()),
+            ("key", key.as_str(), Hints::default()),
+            ("upper", upper.as_str(), Hints::default()),
+            ("gmail", *reply, gmail),
+        ] {
+            let v = c.classify(text, hints);
+            let head: String = reply.chars().take(48).collect();
+            got.push_str(&format!(
+                "{at}\t{variant}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{head}\n",
+                v.class.as_str(),
+                c.provider_name(v.provider),
+                v.blamed.as_str(),
+                v.permanent,
+                v.code.map_or("-".to_string(), |c| c.to_string()),
+                v.enhanced.map_or("-".to_string(), |e| e.to_string()),
+                c.rule_id_str(v.rule),
+            ));
+        }
+    }
+    assert!(rows.len() >= 390, "data shrank: {} rows", rows.len());
+    if std::env::var_os("MXPACE_BLESS_VERDICTS").is_some() {
+        std::fs::write(PINNED, &got).expect("write pinned verdicts");
+    }
+    let want = std::fs::read_to_string(PINNED).expect("pinned verdicts file");
+    let diff: Vec<String> = want
+        .lines()
+        .zip(got.lines())
+        .filter(|(w, g)| w != g)
+        .map(|(w, g)| format!("  want {w}\n  got  {g}"))
+        .collect();
+    assert_eq!(
+        want.lines().count(),
+        got.lines().count(),
+        "row count changed"
+    );
+    assert!(
+        diff.is_empty(),
+        "{} verdicts moved:\n{}",
+        diff.len(),
+        diff.join("\n")
+    );
+}

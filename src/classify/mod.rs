@@ -126,11 +126,15 @@ impl Default for Classifier {
 
 /// Marks token keys apart from rule indices in [`Hits`].
 const TOKEN_KEY: u16 = 0x8000;
+/// Marks the keys of rules' `unless` patterns (rule indices stay below `MAX_RULES`).
+const UNLESS_KEY: u16 = 0x4000;
+const _: () = assert!(rules::MAX_RULES <= UNLESS_KEY as usize);
 
-/// Where the prefilter's literals occurred: (rule or token key, start offset). Bounded; on
-/// overflow every candidate is verified with a whole-text search instead.
+/// Where the prefilter's literals occurred: (rule or token key, start offset, whether the
+/// occurrence is by itself a match). Bounded; on overflow every candidate is verified with
+/// a whole-text search instead.
 struct Hits {
-    at: [(u16, u16); 64],
+    at: [(u16, u16, bool); 64],
     len: usize,
     overflow: bool,
 }
@@ -138,7 +142,7 @@ struct Hits {
 impl Default for Hits {
     fn default() -> Self {
         Hits {
-            at: [(0, 0); 64],
+            at: [(0, 0, false); 64],
             len: 0,
             overflow: false,
         }
@@ -147,13 +151,19 @@ impl Default for Hits {
 
 impl Hits {
     #[inline]
-    fn push(&mut self, key: u16, start: usize) {
+    fn push(&mut self, key: u16, start: usize, proven: bool) {
         if self.len < self.at.len() && start <= u16::MAX as usize {
-            self.at[self.len] = (key, start as u16);
+            self.at[self.len] = (key, start as u16, proven);
             self.len += 1;
         } else {
             self.overflow = true;
         }
+    }
+
+    /// Did a literal of `key` occur?
+    #[inline]
+    fn has(&self, key: u16) -> bool {
+        self.at[..self.len].iter().any(|h| h.0 == key)
     }
 
     /// Does `re` match `text`? For anchored candidates only at the literal offsets: a match
@@ -167,10 +177,14 @@ impl Hits {
         text: &str,
     ) -> bool {
         use regex_automata::{Anchored, Input};
+        let mine = || self.at[..self.len].iter().filter(move |h| h.0 == key);
+        if mine().any(|h| h.2) {
+            return true;
+        }
         if !anchored || self.overflow {
             return re.is_match(text);
         }
-        self.at[..self.len].iter().filter(|h| h.0 == key).any(|h| {
+        mine().any(|h| {
             re.is_match(
                 Input::new(text)
                     .range(h.1 as usize..)
@@ -178,6 +192,20 @@ impl Hits {
             )
         })
     }
+}
+
+/// Whether a literal occurrence at `start..end` is a match by itself, given its proof bits.
+#[inline]
+fn proven(proof: u8, text: &[u8], start: usize, end: usize) -> bool {
+    use prefilter::{PROVES, WB_AFTER, WB_BEFORE};
+    // ASCII word bytes, as `(?-u:\b)` sees them.
+    let word = |i: usize| {
+        text.get(i)
+            .is_some_and(|&b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    proof & PROVES != 0
+        && (proof & WB_BEFORE == 0 || (start > 0 && word(start - 1)) != word(start))
+        && (proof & WB_AFTER == 0 || word(end - 1) != word(end))
 }
 
 /// What the hot path found before choosing a rule.
@@ -304,20 +332,23 @@ impl Classifier {
         let mut tokens = [0u64; rules::MAX_TOKENS / 64];
         let mut hits = Hits::default();
         {
-            pf.scanner.for_each(text.as_bytes(), |lit, start| {
-                let (lo, hi) = pf.spans[lit];
-                for t in &pf.targets[lo as usize..hi as usize] {
+            let bytes = text.as_bytes();
+            pf.scanner.for_each(bytes, |lit, start| {
+                let (lo, hi) = (pf.spans[lit].0 as usize, pf.spans[lit].1 as usize);
+                let end = start + pf.scanner.literal_len(lit);
+                for (t, &proof) in pf.targets[lo..hi].iter().zip(&pf.proofs[lo..hi]) {
                     let key = match *t {
                         prefilter::Target::Rule(r) => {
                             rules[r as usize / 64] |= 1 << (r % 64);
                             r as u16
                         }
+                        prefilter::Target::Unless(r) => UNLESS_KEY | r as u16,
                         prefilter::Target::Token(k) => {
                             tokens[k as usize / 64] |= 1 << (k % 64);
                             TOKEN_KEY | k as u16
                         }
                     };
-                    hits.push(key, start);
+                    hits.push(key, start, proven(proof, bytes, start, end));
                 }
             });
         }
@@ -390,7 +421,15 @@ impl Classifier {
                     }
                 }
                 if let Some(re) = &rule.unless {
-                    if re.is_match(text) {
+                    // An indexed `unless` can only match where one of its literals occurred.
+                    let key = UNLESS_KEY | r as u16;
+                    let matched = if pf.unless_indexed[r] {
+                        (hits.overflow || hits.has(key))
+                            && hits.verify(re, pf.unless_anchored[r], key, text)
+                    } else {
+                        re.is_match(text)
+                    };
+                    if matched {
                         continue;
                     }
                 }
@@ -464,8 +503,9 @@ impl Classifier {
         if host.is_empty() {
             return ProviderId::NONE;
         }
+        let host = host.trim_end_matches('.').as_bytes();
         rules::provider_index(&self.inner.providers, |p| {
-            p.mx.iter().any(|g| g.matches(host))
+            p.mx.iter().any(|g| g.matches_trimmed(host))
         })
     }
 
@@ -490,8 +530,9 @@ impl Classifier {
                     .unwrap_or(ProviderId::NONE);
             }
         }
+        let domain = d.as_bytes();
         rules::provider_index(&self.inner.providers, |p| {
-            p.domains.iter().any(|g| g.matches(domain))
+            p.domains.iter().any(|g| g.matches_trimmed(domain))
         })
     }
 

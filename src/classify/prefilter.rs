@@ -25,18 +25,31 @@ const MAX_LITERALS_PER_RULE: usize = 512;
 /// One extracted prefix set is shortened until it has at most this many literals.
 const MAX_PREFIXES: usize = 64;
 
+/// The literal occurrence is a whole match of the target's regex.
+pub(crate) const PROVES: u8 = 1;
+/// … provided an ASCII word boundary sits right before it (`\b` leads the alternative).
+pub(crate) const WB_BEFORE: u8 = 2;
+/// … provided an ASCII word boundary sits right after it.
+pub(crate) const WB_AFTER: u8 = 4;
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Target {
     Rule(u32),
     Token(u32),
+    /// A rule's `unless` pattern: when none of its literals occurs, it cannot match.
+    Unless(u32),
 }
 
 #[derive(Debug)]
 pub(crate) struct Prefilter {
     pub scanner: Scanner,
-    /// Per literal: the range of `targets` it lights up.
+    /// Per literal: the range of `targets` (and `proofs`) it lights up.
     pub spans: Vec<(u32, u32)>,
     pub targets: Vec<Target>,
+    /// Per entry of `targets`: whether an occurrence of the literal is by itself a match of
+    /// the target's regex ([`PROVES`]), given the word boundaries it asks for. Such
+    /// candidates need no regex run.
+    pub proofs: Vec<u8>,
     /// Rules that are candidates for every reply (bitset over rule indices).
     pub always_rules: Vec<u64>,
     /// Tokens that must always be checked.
@@ -44,6 +57,10 @@ pub(crate) struct Prefilter {
     /// Per rule / token: its literals start every match (verify anchored at each hit).
     pub rule_anchored: Vec<bool>,
     pub token_anchored: Vec<bool>,
+    /// Per rule: its `unless` pattern has literals in the scanner (else it is always run),
+    /// and whether they start every match.
+    pub unless_indexed: Vec<bool>,
+    pub unless_anchored: Vec<bool>,
 }
 
 pub(crate) fn build(
@@ -51,64 +68,86 @@ pub(crate) fn build(
     n_rules: usize,
     n_tokens: usize,
 ) -> Prefilter {
-    let mut by_literal: HashMap<Vec<u8>, Vec<Target>> = HashMap::new();
+    let mut by_literal: HashMap<Vec<u8>, Vec<(Target, u8)>> = HashMap::new();
     let mut order: Vec<Vec<u8>> = Vec::new();
     let mut always_rules = vec![0u64; n_rules.div_ceil(64)];
     let mut always_tokens = Vec::new();
     let mut rule_anchored = vec![false; n_rules];
     let mut token_anchored = vec![false; n_tokens];
+    let mut unless_indexed = vec![false; n_rules];
+    let mut unless_anchored = vec![false; n_rules];
     for &(target, pattern) in inputs {
         match pattern.and_then(required_literals) {
             Some(Required { lits, anchored }) => {
                 match target {
                     Target::Rule(r) => rule_anchored[r as usize] = anchored,
                     Target::Token(t) => token_anchored[t as usize] = anchored,
+                    Target::Unless(r) => {
+                        unless_indexed[r as usize] = true;
+                        unless_anchored[r as usize] = anchored;
+                    }
                 }
+                let exact = if anchored {
+                    pattern.map(exact_literals).unwrap_or_default()
+                } else {
+                    HashMap::new()
+                };
                 for lit in lits {
                     let key = lit.to_ascii_lowercase();
+                    let proof = exact.get(&key).copied().unwrap_or(0);
                     let entry = by_literal.entry(key.clone()).or_insert_with(|| {
                         order.push(key);
                         Vec::new()
                     });
-                    if !entry.contains(&target) {
-                        entry.push(target);
+                    match entry.iter_mut().find(|(t, _)| *t == target) {
+                        // Two spellings of one literal (case): either proof holds.
+                        Some((_, p)) if *p == 0 => *p = proof,
+                        Some(_) => {}
+                        None => entry.push((target, proof)),
                     }
                 }
             }
             None => match target {
                 Target::Rule(r) => always_rules[r as usize / 64] |= 1 << (r % 64),
                 Target::Token(t) => always_tokens.push(t),
+                Target::Unless(_) => {}
             },
         }
     }
     let mut spans = Vec::with_capacity(order.len());
     let mut targets = Vec::new();
+    let mut proofs = Vec::new();
     for lit in &order {
         let t = &by_literal[lit];
         spans.push((targets.len() as u32, (targets.len() + t.len()) as u32));
-        targets.extend_from_slice(t);
+        targets.extend(t.iter().map(|e| e.0));
+        proofs.extend(t.iter().map(|e| e.1));
     }
     let scanner = Scanner::new(&order);
     Prefilter {
         scanner,
         spans,
         targets,
+        proofs,
         always_rules,
         always_tokens,
         rule_anchored,
         token_anchored,
+        unless_indexed,
+        unless_anchored,
     }
 }
 
 /// Finds every occurrence of a set of literals (ASCII case-insensitive, each at least three
-/// bytes long). A bit filter over the hashed first three bytes of every literal rejects most
-/// offsets with one L1 load; where it passes, the next eight bytes are loaded, lowercased
-/// in one word, and looked up by the literal's first eight bytes (or four, or three, for
-/// shorter literals) in small open-addressing tables.
+/// bytes long). A bit filter over the low four bits of the first four bytes of every
+/// literal rejects most offsets with one L1 load; where it passes, the next eight bytes are
+/// loaded, lowercased in one word, and looked up by the literal's first eight bytes (or
+/// four, or three, for shorter literals) in small open-addressing tables.
 #[derive(Debug)]
 pub(crate) struct Scanner {
-    /// `HEAD_BITS`-bit filter over `head_hash` of each literal's first three bytes.
-    head: Box<[u64]>,
+    /// Bit filter indexed by [`head_key`] of each literal's first four bytes (a
+    /// three-byte literal sets the key for every possible fourth byte).
+    head: Box<[u64; HEAD_WORDS]>,
     eight: Table,
     four: Table,
     three: Table,
@@ -141,21 +180,34 @@ fn lower(b: u8) -> u8 {
 }
 
 /// Size of the head filter: 8 KiB, so it stays in L1.
-const HEAD_BITS: u32 = 16;
+const HEAD_WORDS: usize = (1 << 16) / 64;
 
+/// The low four bits of each of four bytes, in 16 bits. Case lives in bit 5 of an ASCII
+/// letter, so the text needs no lowercasing here; bytes that differ only above bit 3 (`a`
+/// and `q`, a digit and a letter) collide, which only lets a few more offsets through to
+/// the exact tables. Four bytes of context reject a quarter more offsets of reply text than
+/// five bits of three bytes did.
 #[inline(always)]
-fn head_hash(k3: u64) -> usize {
-    (k3.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - HEAD_BITS)) as usize
+fn head_key(a: u8, b: u8, c: u8, d: u8) -> usize {
+    ((a & 15) as usize) << 12
+        | ((b & 15) as usize) << 8
+        | ((c & 15) as usize) << 4
+        | (d & 15) as usize
 }
 
 /// Up to eight bytes from the start of `b`, big-endian (first byte highest, zero-padded),
 /// with ASCII letters lowercased in one word operation.
 #[inline(always)]
 fn load8_lower(b: &[u8]) -> u64 {
-    let mut buf = [0u8; 8];
-    let n = b.len().min(8);
-    buf[..n].copy_from_slice(&b[..n]);
-    let x = u64::from_be_bytes(buf);
+    let x = match b.first_chunk::<8>() {
+        // One unaligned load; the byte copy below is only for the last few bytes of a text.
+        Some(w) => u64::from_be_bytes(*w),
+        None => {
+            let mut buf = [0u8; 8];
+            buf[..b.len()].copy_from_slice(b);
+            u64::from_be_bytes(buf)
+        }
+    };
     const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let seven = x & LOW7;
@@ -255,10 +307,19 @@ impl Scanner {
                 _ => eight.push((key(l, 8), i as u32)),
             }
         }
-        let mut head = vec![0u64; (1 << HEAD_BITS) / 64].into_boxed_slice();
+        let mut head = Box::new([0u64; HEAD_WORDS]);
         for l in lits.iter().filter(|l| l.len() >= 3) {
-            let h = head_hash(key(l, 3));
-            head[h / 64] |= 1 << (h % 64);
+            // A three-byte literal may be followed by anything, or by the end of the text
+            // (which the scan reads as a zero byte).
+            let fourth = if l.len() == 3 {
+                0..16
+            } else {
+                l[3] & 15..(l[3] & 15) + 1
+            };
+            for d in fourth {
+                let h = head_key(l[0], l[1], l[2], d);
+                head[h / 64] |= 1 << (h % 64);
+            }
         }
         Scanner {
             head,
@@ -269,31 +330,50 @@ impl Scanner {
         }
     }
 
+    /// Length of literal `id` in bytes.
+    #[inline]
+    pub fn literal_len(&self, id: usize) -> usize {
+        self.lits[id].len()
+    }
+
     /// Calls `f(literal id, start)` for every occurrence of every literal.
     #[inline]
     pub fn for_each(&self, text: &[u8], mut f: impl FnMut(usize, usize)) {
-        // `w` holds the last three bytes read, lowercased; the 3-gram starting at
-        // `end - 2` decides whether offset `end - 2` deserves a closer look.
-        let mut w = 0u32;
-        for (end, &b) in text.iter().enumerate() {
-            w = (w << 8 | lower(b) as u32) & 0xFF_FFFF;
-            let h = head_hash(w as u64);
-            if end < 2 || self.head[h / 64] & (1 << (h % 64)) == 0 {
-                continue;
+        if text.len() < 3 {
+            return;
+        }
+        // `k` holds the head key of the four bytes at `start`; it rolls four bits a byte.
+        let mut k = head_key(0, text[0], text[1], text[2]);
+        for (start, &b) in text[3..].iter().enumerate() {
+            k = (k << 4 | (b & 15) as usize) & 0xFFFF;
+            if self.head[k / 64] & (1 << (k % 64)) != 0 {
+                self.probe(text, start, &mut f);
             }
-            let start = end - 2;
+        }
+        // The last three bytes: only a three-byte literal fits, followed by the end.
+        k = (k << 4) & 0xFFFF;
+        if self.head[k / 64] & (1 << (k % 64)) != 0 {
+            self.probe(text, text.len() - 3, &mut f);
+        }
+    }
+
+    /// The literals that occur at `start`, whose head key passed the filter. Kept out of
+    /// line: the per-byte loop then holds its state in registers.
+    #[inline(never)]
+    fn probe(&self, text: &[u8], start: usize, f: &mut impl FnMut(usize, usize)) {
+        {
             let k8 = load8_lower(&text[start..]);
             for &id in self.three.get(k8 >> 40) {
                 f(id as usize, start);
             }
             if text.len() - start >= 4 {
                 for &id in self.four.get(k8 >> 32) {
-                    self.tail(text, start, 4, id, &mut f);
+                    self.tail(text, start, 4, id, f);
                 }
             }
             if text.len() - start >= 8 {
                 for &id in self.eight.get(k8) {
-                    self.tail(text, start, 8, id, &mut f);
+                    self.tail(text, start, 8, id, f);
                 }
             }
         }
@@ -315,6 +395,74 @@ impl Scanner {
             f(id as usize, start);
         }
     }
+}
+
+/// Literals (lowercased) whose occurrence alone is a match of `pattern`, with the word
+/// boundaries each needs ([`PROVES`] | [`WB_BEFORE`] | [`WB_AFTER`]): the exact literals of
+/// top-level alternatives that contain no look-around except an ASCII `\b` at either end.
+/// The rule regexes are case-insensitive, so an ASCII-case-insensitive occurrence of such a
+/// literal is a match. Patterns with inline flags or groups other than `(?:` are left alone
+/// (a `(?-i)` would make a literal case-sensitive).
+pub(crate) fn exact_literals(pattern: &str) -> HashMap<Vec<u8>, u8> {
+    use regex_syntax::hir::Look;
+    let mut out = HashMap::new();
+    if pattern
+        .match_indices("(?")
+        .any(|(i, _)| !pattern[i + 2..].starts_with(':'))
+    {
+        return out;
+    }
+    let Ok(hir) = regex_syntax::ParserBuilder::new()
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(pattern)
+    else {
+        return out;
+    };
+    let strip = |mut h: &Hir| -> Hir {
+        while let HirKind::Capture(c) = h.kind() {
+            h = &c.sub;
+        }
+        h.clone()
+    };
+    let top = strip(&hir);
+    let alts: Vec<Hir> = match top.kind() {
+        HirKind::Alternation(a) => a.iter().map(strip).collect(),
+        _ => vec![top.clone()],
+    };
+    let is_wb = |h: &Hir| matches!(h.kind(), HirKind::Look(Look::WordAscii));
+    for alt in alts {
+        let mut flags = PROVES;
+        let middle = match alt.kind() {
+            HirKind::Concat(parts) => {
+                let mut parts = &parts[..];
+                if parts.first().is_some_and(is_wb) {
+                    flags |= WB_BEFORE;
+                    parts = &parts[1..];
+                }
+                if parts.last().is_some_and(is_wb) {
+                    flags |= WB_AFTER;
+                    parts = &parts[..parts.len() - 1];
+                }
+                Hir::concat(parts.to_vec())
+            }
+            _ => alt.clone(),
+        };
+        if !middle.properties().look_set().is_empty() {
+            continue;
+        }
+        let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&middle);
+        for lit in seq.literals().unwrap_or(&[]) {
+            let b = lit.as_bytes();
+            if lit.is_exact() && !b.is_empty() && caseless_prefix(b) == b {
+                let e = out.entry(b.to_ascii_lowercase()).or_insert(flags);
+                // Two alternatives spell the same literal: the weaker condition holds.
+                *e &= flags;
+            }
+        }
+    }
+    out
 }
 
 /// Literals one of which occurs in every match of a pattern.
@@ -550,23 +698,33 @@ mod tests {
         .map(|s| s.as_bytes().to_vec())
         .collect();
         let sc = Scanner::new(&lits);
-        let text = "User Unknown user unknownabcd ディレクトリ";
-        let mut got = Vec::new();
-        sc.for_each(text.as_bytes(), |id, start| got.push((id, start)));
-        got.sort();
-        // Brute force: every literal at every offset, ASCII case-insensitively.
-        let mut want = Vec::new();
-        for (id, l) in lits.iter().enumerate() {
-            for start in 0..text.len() {
-                let t = &text.as_bytes()[start..];
-                if t.len() >= l.len() && t[..l.len()].eq_ignore_ascii_case(l) {
-                    want.push((id, start));
+        let mut total = 0;
+        for text in [
+            "User Unknown user unknownabcd ディレクトリ",
+            "abc",
+            "ABC",
+            "xabc",
+            "xyz abcd abc",
+            "USER",
+        ] {
+            let mut got = Vec::new();
+            sc.for_each(text.as_bytes(), |id, start| got.push((id, start)));
+            got.sort();
+            // Brute force: every literal at every offset, ASCII case-insensitively.
+            let mut want = Vec::new();
+            for (id, l) in lits.iter().enumerate() {
+                for start in 0..text.len() {
+                    let t = &text.as_bytes()[start..];
+                    if t.len() >= l.len() && t[..l.len()].eq_ignore_ascii_case(l) {
+                        want.push((id, start));
+                    }
                 }
             }
+            want.sort();
+            assert_eq!(got, want, "{text}");
+            total += got.len();
         }
-        want.sort();
-        assert_eq!(got, want);
-        assert!(got.len() >= 8);
+        assert!(total >= 14);
         let mut none = 0;
         sc.for_each(b"ab", |_, _| none += 1);
         Scanner::new(&[]).for_each(b"anything", |_, _| none += 1);
@@ -602,5 +760,86 @@ mod tests {
                 "{p}: {l:?} not in {hay}"
             );
         }
+    }
+
+    #[test]
+    fn exact_literals_of_alternatives() {
+        let cases: &[(&str, &[(&str, u8)])] = &[
+            ("spam|junk", &[("spam", PROVES), ("junk", PROVES)]),
+            (
+                r"\bUBE\b|Spam",
+                &[("ube", PROVES | WB_BEFORE | WB_AFTER), ("spam", PROVES)],
+            ),
+            (r"\bspam|spam", &[("spam", PROVES)]),
+            (
+                "mailbox (is )?full",
+                &[("mailbox full", PROVES), ("mailbox is full", PROVES)],
+            ),
+            (
+                "(?:spf|dkim) fail",
+                &[("spf fail", PROVES), ("dkim fail", PROVES)],
+            ),
+            ("junk|abc.*x|^start|a\\bb", &[("junk", PROVES)]),
+            ("(?-i)abc", &[]),
+            (r"\(?abc", &[]),
+            (r"\d+ bytes", &[]),
+        ];
+        for (p, want) in cases {
+            let mut want: Vec<(Vec<u8>, u8)> = want
+                .iter()
+                .map(|(l, f)| (l.as_bytes().to_vec(), *f))
+                .collect();
+            want.sort();
+            let mut got: Vec<(Vec<u8>, u8)> = exact_literals(p).into_iter().collect();
+            got.sort();
+            assert_eq!(got, want, "{p}");
+        }
+    }
+
+    #[test]
+    fn exact_literals_of_the_builtin_rules_are_matches() {
+        let mut n = 0;
+        for (_, text) in crate::classify::BUILTIN_SOURCES {
+            let v: toml::Value = toml::from_str(text).unwrap();
+            let mut patterns: Vec<String> = Vec::new();
+            for r in v
+                .get("rule")
+                .and_then(|r| r.as_array())
+                .into_iter()
+                .flatten()
+            {
+                patterns.extend(r.get("text").and_then(|t| t.as_str()).map(String::from));
+            }
+            if let Some(t) = v
+                .get("provider")
+                .and_then(|p| p.get("tokens"))
+                .and_then(|t| t.as_array())
+            {
+                patterns.extend(t.iter().filter_map(|t| t.as_str()).map(String::from));
+            }
+            for p in patterns {
+                let re = crate::classify::rules::build_regex(&p).unwrap();
+                for (lit, flags) in exact_literals(&p) {
+                    let lit = String::from_utf8(lit).unwrap();
+                    // Spaces around it give the boundaries a literal of word bytes asks for.
+                    let word =
+                        |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if (flags & WB_BEFORE != 0 && !word(lit.chars().next()))
+                        || (flags & WB_AFTER != 0 && !word(lit.chars().last()))
+                    {
+                        continue;
+                    }
+                    for hay in [
+                        format!("x {lit} y"),
+                        format!("x {} y", lit.to_ascii_uppercase()),
+                    ] {
+                        let m = re.find(&hay).unwrap_or_else(|| panic!("{p}: {hay:?}"));
+                        assert_eq!(m.start(), 2, "{p}: {hay:?}");
+                    }
+                    n += 1;
+                }
+            }
+        }
+        assert!(n > 100, "{n} exact literals");
     }
 }

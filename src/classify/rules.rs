@@ -229,6 +229,8 @@ pub(crate) struct Rule {
     /// The `text` pattern as written (for the prefilter's literal extraction).
     pub text_source: Option<Box<str>>,
     pub unless: Option<Regex>,
+    /// The `unless` pattern as written (prefilter literals, like `text_source`).
+    pub unless_source: Option<Box<str>>,
     pub code: Box<[Range]>,
     pub enhanced: Box<[EnhancedPattern]>,
     /// Bit `1 << stage index`; 0 = any stage.
@@ -302,8 +304,15 @@ impl Glob {
     }
 
     /// ASCII case-insensitive match without allocation.
+    #[cfg(test)]
     pub fn matches(&self, s: &str) -> bool {
-        let s = s.trim_end_matches('.').as_bytes();
+        self.matches_trimmed(s.trim_end_matches('.').as_bytes())
+    }
+
+    /// [`matches`](Self::matches) for a name whose trailing dots are already gone (the
+    /// provider lookups trim once, then try every pattern).
+    #[inline]
+    pub fn matches_trimmed(&self, s: &[u8]) -> bool {
         match self {
             Glob::Exact(p) => s.eq_ignore_ascii_case(p.as_bytes()),
             Glob::Suffix(p) => {
@@ -594,6 +603,7 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
             text,
             text_source: def.text.as_deref().map(Into::into),
             unless,
+            unless_source: def.unless.as_deref().map(Into::into),
             code,
             enhanced,
             stages,
@@ -642,6 +652,9 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
     let mut inputs: Vec<(Target, Option<&str>)> = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         inputs.push((Target::Rule(i as u32), r.text_source.as_deref()));
+        if r.unless_source.is_some() {
+            inputs.push((Target::Unless(i as u32), r.unless_source.as_deref()));
+        }
     }
     for (i, t) in tokens.iter().enumerate() {
         inputs.push((Target::Token(i as u32), Some(&*t.source)));

@@ -373,3 +373,111 @@ fn more_provider_and_generic_phenomena() {
         ("550 5.7.1 [CS01] Message rejected due to local policy. Please visit https://support.apple.com/en-us/HT204137", "policy_rejected", "apple", "none", "apple.local_policy"),
     ]);
 }
+
+/// The plain meaning of the rule table, without any of the matcher's shortcuts: every token
+/// and every rule tried in order, each regex searched over the whole text.
+fn reference(c: &Classifier, reply: &str, hints: Hints<'_>) -> Verdict {
+    let inner = &*c.inner;
+    let parsed = parse(reply);
+    let mut buf = vec![0u8; parse::MAX_REPLY_LEN];
+    let text = parse::strip_continuations(parsed.text, parsed.code, parsed.enhanced, &mut buf);
+    let enhanced = parsed
+        .effective_enhanced()
+        .or_else(|| hints.status.and_then(|s| Enhanced::parse(s.trim())));
+    let by_host = hints
+        .mx_host
+        .map(|h| c.provider_for_mx(h))
+        .filter(|p| !p.is_none())
+        .or_else(|| parsed.mx_host.map(|h| c.provider_for_mx(h)))
+        .unwrap_or(ProviderId::NONE);
+    let by_domain = parsed
+        .recipient
+        .and_then(|r| r.rsplit_once('@'))
+        .map_or(ProviderId::NONE, |(_, d)| c.provider_for_domain(d));
+    let by_token = inner
+        .tokens
+        .iter()
+        .find(|t| {
+            t.re.is_match(text)
+                || parsed.mx_host.is_some_and(|h| t.re.is_match(h))
+                || hints.mx_host.is_some_and(|h| t.re.is_match(h))
+        })
+        .map_or(ProviderId::NONE, |t| t.provider);
+    let detected = by_host.or(by_domain).or(by_token);
+    let chosen = inner.rules.iter().position(|r| {
+        r.conditions_hold(parsed.code, enhanced, parsed.stage, detected)
+            && r.text.as_ref().is_none_or(|re| re.is_match(text))
+            && !r.unless.as_ref().is_some_and(|re| re.is_match(text))
+    });
+    let rule = chosen.map(|r| &inner.rules[r]);
+    let provider = by_host
+        .or(rule.map_or(ProviderId::NONE, |r| r.provider))
+        .or(by_domain)
+        .or(by_token);
+    Verdict {
+        class: rule.map_or(Class::Unknown, |r| r.class),
+        provider,
+        blamed: rule.map_or(Blamed::None, |r| r.blamed),
+        permanent: match (parsed.code, enhanced) {
+            (Some(code), _) => code >= 500,
+            (None, Some(e)) => e.is_permanent(),
+            (None, None) => rule.and_then(|r| r.permanent).unwrap_or(false),
+        },
+        code: parsed.code,
+        enhanced,
+        rule: RuleId(chosen.map_or(0, |r| r as u16 + 1)),
+    }
+}
+
+#[test]
+fn matcher_agrees_with_the_plain_rule_table() {
+    const SEED: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/seed-replies.tsv"
+    ));
+    const CORPUS: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/corpus/dev.tsv"
+    ));
+    let c = c();
+    let mut replies: Vec<String> = SEED
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .chain(CORPUS.lines().skip(1))
+        .filter_map(|l| l.split('\t').next())
+        .map(String::from)
+        .collect();
+    let n = replies.len();
+    // Variants that move literals around: case, a wrapper in front, two phenomena in one
+    // reply, and the reply cut at its first space (literals at the very start and end).
+    for i in 0..n {
+        let r = replies[i].clone();
+        replies.push(r.to_ascii_uppercase());
+        replies.push(format!(
+            "4.0.0 host mx.example.net[192.0.2.1] said: {r} (in reply to end of DATA command)"
+        ));
+        replies.push(format!("{r} {}", replies[(i * 7 + 3) % n]));
+        if let Some((_, tail)) = r.split_once(' ') {
+            replies.push(tail.to_string());
+        }
+    }
+    let gmail = Hints {
+        mx_host: Some("gmail-smtp-in.l.google.com"),
+        status: Some("4.7.1"),
+    };
+    let mut bad = Vec::new();
+    for r in &replies {
+        for hints in [Hints::default(), gmail] {
+            let (want, got) = (reference(&c, r, hints), c.classify(r, hints));
+            if want != got {
+                bad.push(format!(
+                    "{r}\n  reference {} ({want:?})\n  matcher   {} ({got:?})",
+                    c.rule_id_str(want.rule),
+                    c.rule_id_str(got.rule)
+                ));
+            }
+        }
+    }
+    assert!(replies.len() > 1500, "{} replies", replies.len());
+    assert!(bad.is_empty(), "{} differ:\n{}", bad.len(), bad.join("\n"));
+}

@@ -126,25 +126,35 @@ pub struct Enhanced {
 impl Enhanced {
     /// Parses `X.Y.Z` exactly (class 2, 4 or 5; subject and detail up to 3 digits).
     pub fn parse(s: &str) -> Option<Self> {
-        let mut it = s.splitn(3, '.');
-        let class = it.next()?;
-        let subject = it.next()?;
-        let detail = it.next()?;
-        if class.len() != 1 || !matches!(class.as_bytes()[0], b'2' | b'4' | b'5') {
+        // Byte-wise: this runs several times per reply on the hot path.
+        let b = s.as_bytes();
+        if !(5..=9).contains(&b.len()) || !matches!(b[0], b'2' | b'4' | b'5') || b[1] != b'.' {
             return None;
         }
-        let num = |p: &str| -> Option<u16> {
-            if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
-                None
-            } else {
-                p.parse().ok()
-            }
-        };
+        let (subject, n) = Self::number(&b[2..])?;
+        let rest = &b[2 + n..];
+        if rest.first() != Some(&b'.') {
+            return None;
+        }
+        let (detail, m) = Self::number(&rest[1..])?;
+        if m != rest.len() - 1 {
+            return None;
+        }
         Some(Enhanced {
-            class: class.as_bytes()[0] - b'0',
-            subject: num(subject)?,
-            detail: num(detail)?,
+            class: b[0] - b'0',
+            subject,
+            detail,
         })
+    }
+
+    /// The run of digits at the start of `b`, if it is one to three digits long.
+    fn number(b: &[u8]) -> Option<(u16, usize)> {
+        let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 || n > 3 {
+            return None;
+        }
+        let v = b[..n].iter().fold(0u16, |v, &c| v * 10 + (c - b'0') as u16);
+        Some((v, n))
     }
 
     pub const fn is_permanent(self) -> bool {
@@ -184,8 +194,39 @@ mod tests {
         let e = Enhanced::parse("4.7.650").unwrap();
         assert_eq!((e.class, e.subject, e.detail), (4, 7, 650));
         assert_eq!(e.to_string(), "4.7.650");
-        for bad in ["", "4.7", "3.1.1", "4.7.6500", "4..1", "a.b.c", "4.7.1."] {
+        for bad in [
+            "", "4.7", "3.1.1", "4.7.6500", "4..1", "a.b.c", "4.7.1.", "5.1234.1", "45.1.1",
+        ] {
             assert_eq!(Enhanced::parse(bad), None, "{bad}");
         }
+        // The definition, spelled plainly: three dot-separated parts, 1-3 digits each after
+        // the class. Every string over a small alphabet up to eight bytes agrees with it.
+        let plain = |s: &str| -> Option<(u8, u16, u16)> {
+            let mut it = s.splitn(3, '.');
+            let (c, sj, d) = (it.next()?, it.next()?, it.next()?);
+            let num = |p: &str| {
+                (!p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| p.parse::<u16>().unwrap())
+            };
+            (c.len() == 1 && matches!(c.as_bytes()[0], b'2' | b'4' | b'5'))
+                .then(|| (c.as_bytes()[0] - b'0', num(sj), num(d)))
+                .and_then(|(c, sj, d)| Some((c, sj?, d?)))
+        };
+        let alphabet = [b'4', b'1', b'.', b'a'];
+        let mut checked = 0;
+        for len in 0..=8u32 {
+            for mut code in 0..4usize.pow(len) {
+                let mut s = Vec::new();
+                for _ in 0..len {
+                    s.push(alphabet[code % 4]);
+                    code /= 4;
+                }
+                let s = String::from_utf8(s).unwrap();
+                let got = Enhanced::parse(&s).map(|e| (e.class, e.subject, e.detail));
+                assert_eq!(got, plain(&s), "{s}");
+                checked += got.is_some() as usize;
+            }
+        }
+        assert!(checked > 100);
     }
 }
