@@ -1167,11 +1167,21 @@ impl Engine {
         let site = match setup.sites.for_domain(domain, &setup.classifier) {
             Some(n) => Site::Named(n),
             None => {
-                let lower = domain.to_ascii_lowercase();
-                let key = match self.rolled_up(&lower) {
+                // Lowercased on the stack: this runs for every RCPT of every message.
+                let mut buf = [0u8; 256];
+                if domain.len() > buf.len() {
+                    return PolicyVerdict::Dunno;
+                }
+                for (o, i) in buf.iter_mut().zip(domain.as_bytes()) {
+                    *o = i.to_ascii_lowercase();
+                }
+                let Ok(lower) = std::str::from_utf8(&buf[..domain.len()]) else {
+                    return PolicyVerdict::Dunno;
+                };
+                let key = match self.rolled_up(lower) {
                     Some(Ok(n)) => Some(Site::Named(n)),
                     Some(Err(group)) => inner.domains.get(&group).map(Site::Domain),
-                    None => inner.domains.get(&lower).map(Site::Domain),
+                    None => inner.domains.get(lower).map(Site::Domain),
                 };
                 match key {
                     Some(s) => s,
