@@ -794,7 +794,7 @@ impl SyncTask {
                     match field("e").map(|j| serde_json::from_str::<Event>(&j)) {
                         Some(Ok(e)) => events.push(e),
                         _ => {
-                            tracing::debug!(target: "mxpace::fleet", id = %entry.id, "skipping an unreadable fleet event")
+                            tracing::debug!(target: "mxpace::fleet", id = %entry.id, "ignored an unreadable fleet event")
                         }
                     }
                 }

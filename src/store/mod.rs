@@ -100,7 +100,7 @@ pub fn load(conn: &Connection) -> anyhow::Result<Contents> {
         match serde_json::from_str::<DestRecord>(&state) {
             Ok(d) => dests.push(d),
             Err(e) => {
-                tracing::warn!(site, identity, error = %e, "skipping an unreadable destination record")
+                tracing::warn!(site, identity, error = %e, "ignored an unreadable destination record (the destination starts afresh)")
             }
         }
     }
