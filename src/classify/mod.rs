@@ -3,7 +3,7 @@
 //! Pure and synchronous: no I/O, no clock, no per-reply heap allocation beyond the
 //! returned [`Verdict`] (which is `Copy`). Rules are data (`config/rules/*.toml`),
 //! compiled once into a matcher that does not scan the rule list per reply: one
-//! Aho-Corasick pass over the reply names the candidate rules ([`prefilter`]), which are
+//! literal scan over the reply names the candidate rules (`prefilter`), which are
 //! then tried in priority order; the first whose conditions and regex hold decides.
 //!
 //! # Layout
