@@ -215,42 +215,61 @@ pub async fn spawn(
     store: Store,
     shutdown: CancellationToken,
 ) -> anyhow::Result<String> {
-    let a = check_local(addr).map_err(anyhow::Error::msg)?;
-    match a {
-        ListenAddress::Tcp(sa) => {
-            let l = TcpListener::bind(sa).await?;
-            let local = l.local_addr()?.to_string();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        a = l.accept() => if let Ok((s, _)) = a {
-                            tokio::spawn(serve_client(s, engine.clone(), store.clone()));
-                        },
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
-            });
-            Ok(local)
-        }
+    let listener = match check_local(addr).map_err(anyhow::Error::msg)? {
+        ListenAddress::Tcp(sa) => AdminListener::Tcp(TcpListener::bind(sa).await?),
         ListenAddress::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
+            // The same care as the service sockets: only a stale socket is replaced.
+            crate::server::listener::remove_stale_socket(&path)?;
             let l = UnixListener::bind(&path)?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            let local = format!("unix:{}", path.display());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        a = l.accept() => if let Ok((s, _)) = a {
-                            tokio::spawn(serve_client(s, engine.clone(), store.clone()));
-                        },
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
-                let _ = std::fs::remove_file(&path);
-            });
-            Ok(local)
+            AdminListener::Unix(l, path)
         }
+    };
+    let local = match &listener {
+        AdminListener::Tcp(l) => l.local_addr()?.to_string(),
+        AdminListener::Unix(_, path) => format!("unix:{}", path.display()),
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = listener.accept_one(&engine, &store) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        if let AdminListener::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+    });
+    Ok(local)
+}
+
+enum AdminListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl AdminListener {
+    /// Accepts one client and serves it on its own task.
+    async fn accept_one(&self, engine: &Arc<Engine>, store: &Store) {
+        match self {
+            AdminListener::Tcp(l) => match l.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(serve_client(s, engine.clone(), store.clone()));
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "admin accept failed"),
+            },
+            AdminListener::Unix(l, _) => match l.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(serve_client(s, engine.clone(), store.clone()));
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "admin accept failed"),
+            },
+        }
+        // EMFILE and friends: back off briefly instead of spinning.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

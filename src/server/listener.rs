@@ -82,7 +82,7 @@ pub async fn bind(cfg: &ListenerConfig) -> anyhow::Result<BoundListener> {
 }
 
 /// A socket file left by a killed daemon is removed; any other file is an error.
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
