@@ -179,23 +179,36 @@ def test_throttling_provider_moves_to_a_slower_tier_and_everything_is_delivered(
         settle(mta, daemon)
         lines = smtp_lines(mta, "gmail.test")
         deferred = [d for d in lines if d.status == "deferred"]
-        tiers = collections.Counter(d.service.split("/")[-1].split("_")[2] for d in lines if d.status == "sent")
+
+        def tier(d: pfx.Delivery) -> str:
+            return d.service.split("/")[-1].split("_")[2]
+
+        tiers = collections.Counter(tier(d) for d in lines if d.status == "sent")
+        attempts = collections.Counter(tier(d) for d in lines)
+        deferrals = collections.Counter(tier(d) for d in deferred)
         dest = daemon.destination("gmail")
         stats = sinks.stats()["listeners"]["gmail"]
         print(f"\n[throttling] delivered={sum(tiers.values())} deferred(421)={len(deferred)} "
-              f"elapsed={elapsed:.1f}s sent per tier={dict(tiers)} now at {dest['tier']} "
-              f"({dest['rate']}/s) sink throttled={stats['throttled']} accepted={stats['accepted']}")
+              f"elapsed={elapsed:.1f}s sent per tier={dict(tiers)} 421s per tier={dict(deferrals)} "
+              f"now at {dest['tier']} ({dest['rate']}/s) sink throttled={stats['throttled']} "
+              f"accepted={stats['accepted']}")
         assert collections.Counter(mta.final_statuses("gmail.test").values()) == {"sent": n}
         assert stats["accepted"] == n and stats["block_events"] == 0
         # It was throttled at the start tier, moved down, and stays below it.
         assert deferred and all("4.7.28" in d.text for d in deferred)
+        assert deferrals["t5"] > 0
         assert dest["rate"] < 8.0
         assert sum(v for t, v in tiers.items() if t != "t5") > sum(v for t, v in tiers.items() if t == "t5")
-        # The deferrals drop: the later half of the deliveries met fewer 421s than the first.
-        order = sorted(lines, key=lambda d: (d.ts, d.queue_id))
-        half = len(order) // 2
-        first, second = order[:half], order[half:]
-        assert sum(d.status == "deferred" for d in second) < sum(d.status == "deferred" for d in first)
+        # The deferrals drop: below the start tier a smaller share of attempts met a 421
+        # than at it. (Probing back up may draw a few more; which half of the run they
+        # fall in depends on the machine's timing, their share does not.)
+        below = sum(v for t, v in attempts.items() if t != "t5")
+        share_start = deferrals["t5"] / attempts["t5"]
+        share_below = (len(deferred) - deferrals["t5"]) / below
+        print(f"[throttling] 421 share at t5={share_start:.0%} below t5={share_below:.0%}")
+        assert share_below < share_start
+        # Postfix alone meets a 421 on ~40% of its attempts at this pace, round after round.
+        assert len(deferred) < len(lines) // 4
 
 
 def run_with(loopback, label: str, messages: int, sink_params: dict, toml: str | None,
