@@ -14,6 +14,7 @@
 //! - [`cli`]: `mxpace classify`.
 
 pub mod cli;
+mod hosts;
 pub mod parse;
 mod prefilter;
 pub mod rules;
@@ -499,41 +500,16 @@ impl Classifier {
 
     /// Provider whose MX patterns match `host` (case-insensitive).
     pub fn provider_for_mx(&self, host: &str) -> ProviderId {
-        let host = host.trim();
-        if host.is_empty() {
-            return ProviderId::NONE;
-        }
-        let host = host.trim_end_matches('.').as_bytes();
-        rules::provider_index(&self.inner.providers, |p| {
-            p.mx.iter().any(|g| g.matches_trimmed(host))
-        })
+        self.inner
+            .mx_index
+            .lookup(host.trim().trim_end_matches('.').as_bytes())
     }
 
     /// Provider that owns the recipient `domain` (case-insensitive).
     pub fn provider_for_domain(&self, domain: &str) -> ProviderId {
-        let domain = domain.trim();
-        if domain.is_empty() {
-            return ProviderId::NONE;
-        }
-        let d = domain.trim_end_matches('.');
-        let mut buf = [0u8; 256];
-        if !self.inner.wild_domains && d.len() <= buf.len() {
-            for (o, i) in buf.iter_mut().zip(d.as_bytes()) {
-                *o = i.to_ascii_lowercase();
-            }
-            if let Ok(lower) = std::str::from_utf8(&buf[..d.len()]) {
-                return self
-                    .inner
-                    .exact_domains
-                    .get(lower)
-                    .copied()
-                    .unwrap_or(ProviderId::NONE);
-            }
-        }
-        let domain = d.as_bytes();
-        rules::provider_index(&self.inner.providers, |p| {
-            p.domains.iter().any(|g| g.matches_trimmed(domain))
-        })
+        self.inner
+            .domain_index
+            .lookup(domain.trim().trim_end_matches('.').as_bytes())
     }
 
     /// Number of providers including the unnamed one at index 0.

@@ -4,13 +4,13 @@
 //! id and what is wrong, and nothing half-valid is ever returned. The format is documented
 //! field by field in `config/rules/README.md`.
 
+use super::hosts::HostIndex;
 use super::prefilter::{self, Prefilter, Target};
 use super::types::{Blamed, Class, Enhanced, SmtpStage};
 use super::ProviderId;
 use regex_automata::meta::{self, Regex};
 use regex_automata::util::syntax;
 use serde::Deserialize;
-use std::collections::HashMap;
 use toml::Spanned;
 
 /// The rule files shipped in the binary, in load order.
@@ -285,7 +285,7 @@ pub(crate) fn stage_bit(s: SmtpStage) -> u16 {
 
 /// A host / domain pattern: exact, `*.suffix`, or with `*` anywhere
 /// (`mta*.am0.yahoodns.net`). The first two, by far the most common, compare in one pass.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Glob {
     Exact(Box<str>),
     /// `*.google.com` stored as `.google.com`.
@@ -294,7 +294,7 @@ pub(crate) enum Glob {
 }
 
 impl Glob {
-    fn new(s: &str) -> Glob {
+    pub(crate) fn new(s: &str) -> Glob {
         let p = s.trim().trim_end_matches('.').to_ascii_lowercase();
         match p.strip_prefix('*') {
             _ if !p.contains('*') => Glob::Exact(p.into()),
@@ -373,11 +373,9 @@ pub(crate) struct Compiled {
     pub providers: Vec<Provider>,
     pub tokens: Vec<Token>,
     pub prefilter: Prefilter,
-    /// Lowercase recipient domains without wildcards → their (first) provider: the
-    /// per-report domain lookup is one hash probe instead of a glob per pattern.
-    pub exact_domains: HashMap<Box<str>, ProviderId>,
-    /// Some provider lists a domain pattern with `*`: lookups must try the globs.
-    pub wild_domains: bool,
+    /// Providers' MX host patterns and recipient domain patterns, for one-walk lookups.
+    pub mx_index: HostIndex,
+    pub domain_index: HostIndex,
 }
 
 struct Pending {
@@ -661,28 +659,23 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
     }
     let prefilter = prefilter::build(&inputs, rules.len(), tokens.len());
 
-    let mut exact_domains = HashMap::new();
-    let mut wild_domains = false;
-    for (i, p) in providers.iter().enumerate().skip(1) {
-        for g in &p.domains {
-            match g {
-                Glob::Exact(name) => {
-                    exact_domains
-                        .entry(name.clone())
-                        .or_insert(ProviderId(i as u16));
-                }
-                _ => wild_domains = true,
-            }
-        }
-    }
+    let patterns = |f: fn(&Provider) -> &Vec<Glob>| {
+        let ps = &providers;
+        ps.iter()
+            .enumerate()
+            .skip(1)
+            .flat_map(move |(i, p)| f(p).iter().map(move |g| (ProviderId(i as u16), g)))
+    };
+    let mx_index = HostIndex::new(patterns(|p| &p.mx));
+    let domain_index = HostIndex::new(patterns(|p| &p.domains));
 
     Ok(Compiled {
         rules,
         providers,
         tokens,
         prefilter,
-        exact_domains,
-        wild_domains,
+        mx_index,
+        domain_index,
     })
 }
 
@@ -737,20 +730,6 @@ fn file_name(origin: &str) -> &str {
 
 fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
     it.collect::<Vec<_>>().join(", ")
-}
-
-/// Summary of one provider's host patterns (used by `provider_for_mx`).
-pub(crate) fn provider_index(
-    providers: &[Provider],
-    mut f: impl FnMut(&Provider) -> bool,
-) -> ProviderId {
-    providers
-        .iter()
-        .enumerate()
-        .skip(1)
-        .find(|(_, p)| f(p))
-        .map(|(i, _)| ProviderId(i as u16))
-        .unwrap_or(ProviderId::NONE)
 }
 
 #[cfg(test)]
