@@ -125,17 +125,14 @@ impl Default for Classifier {
     }
 }
 
-/// Marks token keys apart from rule indices in [`Hits`].
-const TOKEN_KEY: u16 = 0x8000;
-/// Marks the keys of rules' `unless` patterns (rule indices stay below `MAX_RULES`).
-const UNLESS_KEY: u16 = 0x4000;
-const _: () = assert!(rules::MAX_RULES <= UNLESS_KEY as usize);
+use prefilter::{CANDIDATE_WORDS, NO_BIT, TOKEN_BITS, TOKEN_KEY, UNLESS_KEY};
 
-/// Where the prefilter's literals occurred: (rule or token key, start offset, whether the
-/// occurrence is by itself a match). Bounded; on overflow every candidate is verified with
-/// a whole-text search instead.
+/// Where the prefilter's literals occurred: (rule or token key, start offset), packed in
+/// one word, and a bit per entry for whether the occurrence is by itself a match. Bounded;
+/// on overflow every candidate is verified with a whole-text search instead.
 struct Hits {
-    at: [(u16, u16, bool); 64],
+    at: [u32; 64],
+    proven: u64,
     len: usize,
     overflow: bool,
 }
@@ -143,7 +140,8 @@ struct Hits {
 impl Default for Hits {
     fn default() -> Self {
         Hits {
-            at: [(0, 0, false); 64],
+            at: [0; 64],
+            proven: 0,
             len: 0,
             overflow: false,
         }
@@ -154,7 +152,8 @@ impl Hits {
     #[inline]
     fn push(&mut self, key: u16, start: usize, proven: bool) {
         if self.len < self.at.len() && start <= u16::MAX as usize {
-            self.at[self.len] = (key, start as u16, proven);
+            self.at[self.len] = (key as u32) << 16 | start as u32;
+            self.proven |= (proven as u64) << self.len;
             self.len += 1;
         } else {
             self.overflow = true;
@@ -164,7 +163,7 @@ impl Hits {
     /// Did a literal of `key` occur?
     #[inline]
     fn has(&self, key: u16) -> bool {
-        self.at[..self.len].iter().any(|h| h.0 == key)
+        self.at[..self.len].iter().any(|&h| (h >> 16) as u16 == key)
     }
 
     /// Does `re` match `text`? For anchored candidates only at the literal offsets: a match
@@ -178,17 +177,22 @@ impl Hits {
         text: &str,
     ) -> bool {
         use regex_automata::{Anchored, Input};
-        let mine = || self.at[..self.len].iter().filter(move |h| h.0 == key);
-        if mine().any(|h| h.2) {
+        let mine = || {
+            self.at[..self.len]
+                .iter()
+                .enumerate()
+                .filter(move |(_, &h)| (h >> 16) as u16 == key)
+        };
+        if mine().any(|(i, _)| self.proven >> i & 1 != 0) {
             return true;
         }
         if !anchored || self.overflow {
             return re.is_match(text);
         }
-        mine().any(|h| {
+        mine().any(|(_, &h)| {
             re.is_match(
                 Input::new(text)
-                    .range(h.1 as usize..)
+                    .range((h & 0xFFFF) as usize..)
                     .anchored(Anchored::Yes),
             )
         })
@@ -327,35 +331,33 @@ impl Classifier {
         // Candidate rules and tokens from one automaton pass. Where each literal occurred is
         // kept (bounded) so anchored rules verify at those offsets only.
         let pf = &c.prefilter;
-        let mut rules = [0u64; rules::MAX_RULES / 64];
+        // Candidate rules, then tokens (from bit `TOKEN_BITS`).
+        let mut cand = [0u64; CANDIDATE_WORDS];
         let n_words = pf.always_rules.len();
-        rules[..n_words].copy_from_slice(&pf.always_rules);
-        let mut tokens = [0u64; rules::MAX_TOKENS / 64];
+        cand[..n_words].copy_from_slice(&pf.always_rules);
         let mut hits = Hits::default();
         {
             let bytes = text.as_bytes();
             pf.scanner.for_each(bytes, |lit, start| {
                 let (lo, hi) = (pf.spans[lit].0 as usize, pf.spans[lit].1 as usize);
                 let end = start + pf.scanner.literal_len(lit);
-                for (t, &proof) in pf.targets[lo..hi].iter().zip(&pf.proofs[lo..hi]) {
-                    let key = match *t {
-                        prefilter::Target::Rule(r) => {
-                            rules[r as usize / 64] |= 1 << (r % 64);
-                            r as u16
-                        }
-                        prefilter::Target::Unless(r) => UNLESS_KEY | r as u16,
-                        prefilter::Target::Token(k) => {
-                            tokens[k as usize / 64] |= 1 << (k % 64);
-                            TOKEN_KEY | k as u16
-                        }
-                    };
-                    hits.push(key, start, proven(proof, bytes, start, end));
+                for l in &pf.lights[lo..hi] {
+                    if l.bit != NO_BIT {
+                        cand[l.bit as usize / 64] |= 1 << (l.bit % 64);
+                    }
+                    hits.push(
+                        l.key,
+                        start,
+                        l.proof != 0 && proven(l.proof, bytes, start, end),
+                    );
                 }
             });
         }
         for &k in &pf.always_tokens {
-            tokens[k as usize / 64] |= 1 << (k % 64);
+            let bit = TOKEN_BITS + k as usize;
+            cand[bit / 64] |= 1 << (bit % 64);
         }
+        let (rules, tokens) = cand.split_at(TOKEN_BITS / 64);
 
         // Provider: the MX host is the strongest evidence, then the recipient's domain,
         // then tokens in the text.
