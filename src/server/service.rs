@@ -129,7 +129,7 @@ impl Service {
                 let r = put(
                     scratch,
                     format_args!(
-                        "{} mxpace: deliveries to {} are suspended until {} after blocks by the receiver",
+                        "{} mxpace: deliveries to {} are suspended until {}",
                         config.policy.suspended_action,
                         site,
                         format_unix(until)
@@ -319,7 +319,7 @@ fn admission_answer(admission: Admission, scratch: &mut String) -> Answer<'_> {
             Hold::Suspended { until } => put(
                 scratch,
                 format_args!(
-                    "retry:4.7.0 mxpace: destination suspended until {} after blocks by the receiver",
+                    "retry:4.7.0 mxpace: destination suspended until {}",
                     format_unix(until)
                 ),
             ),
