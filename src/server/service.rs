@@ -312,22 +312,26 @@ fn admission_answer(admission: Admission, scratch: &mut String) -> Answer<'_> {
                 },
             );
             let r = match reason {
-            Hold::Paced { rate } => put(
-                scratch,
-                format_args!("retry:4.7.0 mxpace: paced at {rate} msg/s, next slot in {retry_after}s"),
-            ),
-            Hold::Suspended { until } => put(
-                scratch,
-                format_args!(
-                    "retry:4.7.0 mxpace: destination suspended until {}",
-                    format_unix(until)
+                Hold::Paced { rate } => put(
+                    scratch,
+                    format_args!(
+                        "retry:4.7.0 mxpace: paced at {rate} msg/s, next slot in {retry_after}s"
+                    ),
                 ),
-            ),
-            Hold::Warmup { limit } => put(
-                scratch,
-                format_args!("retry:4.7.0 mxpace: warm-up limit of {limit} messages today reached"),
-            ),
-        };
+                Hold::Suspended { until } => put(
+                    scratch,
+                    format_args!(
+                        "retry:4.7.0 mxpace: destination suspended until {}",
+                        format_unix(until)
+                    ),
+                ),
+                Hold::Warmup { limit } => put(
+                    scratch,
+                    format_args!(
+                        "retry:4.7.0 mxpace: warm-up limit of {limit} messages today reached"
+                    ),
+                ),
+            };
             Answer::action(&scratch[r])
         }
     }
