@@ -61,7 +61,7 @@ fn every_reply_form_classifies() {
         ("Diagnostic-Code: smtp; 550 5.1.1 <nobody@example.org>... User unknown", "recipient_unknown", "", "recipient", "recipient.unknown"),
         ("Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'", "recipient_unknown", "microsoft", "recipient", "recipient.unknown"),
         // Greeting refusal: only the IP can be meant.
-        ("host mx.example.net[192.0.2.1] refused to talk to me: 554 Go away", "reputation_block", "", "ip", "reject.before_mail"),
+        ("host mx.example.net[192.0.2.1] refused to talk to me: 554 Service unavailable", "reputation_block", "", "ip", "reject.before_mail"),
         // Raw multi-line with CRLF, phrase split across lines.
         ("550-5.7.1 [203.0.113.7] Our system has detected that this message is likely\r\n550-5.7.1 unsolicited mail. To reduce the amount of spam sent to Gmail,\r\n550 5.7.1 this message has been blocked.",
             "spam_rejected", "gmail", "message", "gmail.likely_unsolicited"),
@@ -94,7 +94,7 @@ fn text_decides_over_code_and_the_order_holds() {
         ("550 5.7.25 The IP address sending this message does not have a PTR record setup", "auth_failure", "", "ip", "auth.ptr"),
         ("550 5.7.1 Unfortunately, messages from [203.0.113.7] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3150).", "reputation_block", "microsoft", "ip", "microsoft.banned_ip"),
         ("550 No such user here", "recipient_unknown", "", "recipient", "recipient.unknown"),
-        ("550 Go away", "unknown", "", "none", "smtp.5xx"),
+        ("550 Nope", "unknown", "", "none", "smtp.5xx"),
     ]);
 }
 
