@@ -622,14 +622,39 @@ fn necessary_part(hir: &Hir) -> Option<Required> {
 
 /// Longer literals light up fewer replies; anchored ones are much cheaper to verify, so
 /// they win once their literals are reasonably long.
-fn score(r: &Required) -> (usize, bool, usize, std::cmp::Reverse<usize>) {
+fn score(r: &Required) -> (usize, bool, bool, usize, std::cmp::Reverse<usize>) {
     let min = r.lits.iter().map(|l| l.len()).min().unwrap_or(0);
     (
         min.min(4),
+        !r.lits.iter().any(|l| is_common_word(l)),
         r.anchored,
         min.min(8),
         std::cmp::Reverse(r.lits.len()),
     )
+}
+
+/// The commonest words of bounce text. A literal set with a member that is no more than
+/// one of them (`user `, `mailbox `: the pattern goes on with something variable) lights
+/// its rule up on a large share of all replies, so a set from another part of the pattern
+/// is preferred even if it loses the anchored verification.
+const COMMON_WORDS: [&[u8]; 12] = [
+    b"account",
+    b"address",
+    b"box",
+    b"domain",
+    b"e-mail",
+    b"email",
+    b"mail",
+    b"mailbox",
+    b"message",
+    b"recipient",
+    b"sender",
+    b"user",
+];
+
+fn is_common_word(lit: &[u8]) -> bool {
+    let word = lit.trim_ascii();
+    COMMON_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w))
 }
 
 fn better(cand: &Required, best: Option<&Required>) -> bool {
