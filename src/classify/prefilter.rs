@@ -123,11 +123,9 @@ pub(crate) fn build(
                         unless_anchored[r as usize] = anchored;
                     }
                 }
-                let exact = if anchored {
-                    pattern.map(exact_literals).unwrap_or_default()
-                } else {
-                    HashMap::new()
-                };
+                // An occurrence of an alternative's whole literal proves the pattern
+                // wherever it is, whether or not the other alternatives are anchored.
+                let exact = pattern.map(exact_literals).unwrap_or_default();
                 for lit in lits {
                     let key = lit.to_ascii_lowercase();
                     let proof = exact.get(&key).copied().unwrap_or(0);
