@@ -172,13 +172,17 @@ pub(crate) fn build(
 /// Finds every occurrence of a set of literals (ASCII case-insensitive, each at least three
 /// bytes long). A bit filter over the low four bits of the first four bytes of every
 /// literal rejects most offsets with one L1 load; where it passes, the next eight bytes are
-/// loaded, lowercased in one word, and looked up by the literal's first eight bytes (or
-/// four, or three, for shorter literals) in small open-addressing tables.
+/// loaded, lowercased in one word, and looked up by the literal's first sixteen bytes (or
+/// eight, four or three, for shorter literals) in small open-addressing tables.
 #[derive(Debug)]
 pub(crate) struct Scanner {
     /// Bit filter indexed by [`head_key`] of each literal's first four bytes (a
     /// three-byte literal sets the key for every possible fourth byte).
     head: Box<[u64; HEAD_WORDS]>,
+    /// Literals of 16 bytes or more, keyed by both words ([`sixteen_key`]): extracted
+    /// literals often share their first eight bytes (`mailbox unavailable…`), and a key of
+    /// eight bytes left a dozen of them to compare one by one.
+    sixteen: Table,
     eight: Table,
     four: Table,
     three: Table,
@@ -265,6 +269,13 @@ fn load8_lower(b: &[u8]) -> u64 {
     let from_a = seven + 0x3F3F_3F3F_3F3F_3F3F; // high bit set where byte >= 'A'
     let upper = !x & (from_a ^ above_z) & HIGH;
     x | (upper >> 2)
+}
+
+/// The key of a literal of sixteen bytes or more: for a given first word, a different
+/// second word always gives a different key.
+#[inline(always)]
+fn sixteen_key(first: u64, second: u64) -> u64 {
+    first.rotate_left(29).wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ second
 }
 
 #[inline(always)]
@@ -360,13 +371,25 @@ impl Scanner {
                 mask: u64::MAX.checked_shl(8 * (8 - n) as u32).unwrap_or(0),
             }
         };
-        let (mut eight, mut four, mut three) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut sixteen, mut eight, mut four, mut three) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, l) in lits.iter().enumerate() {
             match l.len() {
                 0..=2 => {}
                 3 => three.push((key(l, 3), entry(i, l, 3))),
                 4..=7 => four.push((key(l, 4), entry(i, l, 0))),
-                _ => eight.push((key(l, 8), entry(i, l, 8))),
+                8..=15 => eight.push((key(l, 8), entry(i, l, 8))),
+                _ => {
+                    // The entry's word is the first eight bytes: with them the key
+                    // determines the second eight.
+                    let k8 = key(l, 8);
+                    let e = Entry {
+                        word: k8,
+                        mask: u64::MAX,
+                        ..entry(i, l, 8)
+                    };
+                    sixteen.push((sixteen_key(k8, key(&l[8..], 8)), e));
+                }
             }
         }
         let mut head: Box<[u64; HEAD_WORDS]> = vec![0u64; HEAD_WORDS]
@@ -388,7 +411,8 @@ impl Scanner {
         }
         Scanner {
             head,
-            eight: Table::new(eight, 15),
+            sixteen: Table::new(sixteen, 15),
+            eight: Table::new(eight, 14),
             four: Table::new(four, 14),
             three: Table::new(three, 12),
             lits,
@@ -440,13 +464,17 @@ impl Scanner {
             }
         }
         if rest.len() >= 8 {
-            let entries = self.eight.get(k8);
-            if !entries.is_empty() {
-                let next = load8_lower(&rest[8..]);
-                for e in entries {
-                    if rest.len() >= e.len as usize
-                        && next & e.mask == e.word
-                        && (e.len <= 16 || self.tail_matches(rest, e))
+            let next = load8_lower(&rest[8..]);
+            for e in self.eight.get(k8) {
+                if rest.len() >= e.len as usize && next & e.mask == e.word {
+                    f(e.id as usize, start);
+                }
+            }
+            if rest.len() >= 16 {
+                for e in self.sixteen.get(sixteen_key(k8, next)) {
+                    if e.word == k8
+                        && rest.len() >= e.len as usize
+                        && (e.len == 16 || self.tail_matches(rest, e))
                     {
                         f(e.id as usize, start);
                     }
