@@ -432,15 +432,18 @@ impl Scanner {
             return;
         }
         // `k` holds the head key of the four bytes at `start`; it rolls four bits a byte.
-        let mut k = head_key(0, text[0], text[1], text[2]);
+        // The rolling key is not masked in the loop: the mask is taken off the chain of
+        // dependent operations from one byte to the next (two instead of three).
+        let mut roll = head_key(0, text[0], text[1], text[2]) as u64;
         for (start, &b) in text[3..].iter().enumerate() {
-            k = (k << HEAD_BITS | (b & BYTE_MASK) as usize) & KEY_MASK;
+            roll = roll << HEAD_BITS | (b & BYTE_MASK) as u64;
+            let k = roll as usize & KEY_MASK;
             if self.head[k / 64] & (1 << (k % 64)) != 0 {
                 self.probe(text, start, &mut f);
             }
         }
         // The last three bytes: only a three-byte literal fits, followed by the end.
-        k = (k << HEAD_BITS) & KEY_MASK;
+        let k = (roll << HEAD_BITS) as usize & KEY_MASK;
         if self.head[k / 64] & (1 << (k % 64)) != 0 {
             self.probe(text, text.len() - 3, &mut f);
         }
