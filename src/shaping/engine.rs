@@ -435,6 +435,8 @@ pub struct Engine {
     journal: std::sync::OnceLock<std::sync::mpsc::Sender<Change>>,
     /// MX rollup of unlisted domains, when enabled.
     mx: std::sync::OnceLock<Arc<super::mx::MxCache>>,
+    /// Authentication-failure lines: one a minute per destination.
+    auth_log: Mutex<crate::telemetry::LogThrottle>,
 }
 
 fn key_of(site: Site, identity: u32) -> u64 {
@@ -466,6 +468,7 @@ impl Engine {
             clock,
             journal: std::sync::OnceLock::new(),
             mx: std::sync::OnceLock::new(),
+            auth_log: Mutex::new(crate::telemetry::LogThrottle::new(60)),
         }
     }
 
@@ -829,14 +832,22 @@ impl Engine {
             && effect.tier_changed.is_none()
         {
             if v.class == Class::AuthFailure {
-                tracing::warn!(
-                    target: "mxpace::auth",
-                    site = %self.site_name(setup, inner, site),
-                    blamed = v.blamed.as_str(),
-                    identity,
-                    reply = %clip_reply(r.reply),
-                    "authentication failure: fix {} for {}", v.blamed.as_str(), identity
-                );
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                identity.hash(&mut h);
+                let key = (site.key() as u64) << 32 ^ h.finish();
+                let due = self.auth_log.lock().unwrap().due(key, self.clock.secs());
+                if let Some(repeated) = due {
+                    tracing::warn!(
+                        target: "mxpace::auth",
+                        site = %self.site_name(setup, inner, site),
+                        blamed = v.blamed.as_str(),
+                        identity,
+                        repeated,
+                        reply = %clip_reply(r.reply),
+                        "authentication failure: fix {} for {}", v.blamed.as_str(), identity
+                    );
+                }
             }
             return;
         }
