@@ -9,28 +9,8 @@ use mxpace::classify::{Classifier, Hints};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-const CORPUS: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/corpus/dev.tsv"
-));
-const SEED: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/seed-replies.tsv"
-));
-
-fn replies() -> Vec<&'static str> {
-    let mut r: Vec<&str> = CORPUS
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split('\t').next())
-        .collect();
-    r.extend(
-        SEED.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| l.split('\t').next()),
-    );
-    r
-}
+#[path = "../integration/common/replies.rs"]
+mod replies;
 
 /// Nanoseconds this thread has spent on a CPU (Linux `schedstat`), so the figure is not
 /// inflated by time the thread waited for a core on a shared machine.
@@ -75,7 +55,7 @@ fn plain_figure(c: &Classifier, replies: &[&str]) {
 
 fn bench(cr: &mut Criterion) {
     let c = Classifier::builtin();
-    let replies = replies();
+    let replies = replies::all();
     plain_figure(&c, &replies);
 
     let mut g = cr.benchmark_group("classify");
@@ -115,7 +95,7 @@ fn main() {
         .and_then(|v| v.parse::<u64>().ok())
     {
         let c = Classifier::builtin();
-        let replies = replies();
+        let replies = replies::all();
         for r in &replies {
             black_box(c.classify(r, Hints::default()));
         }

@@ -21,68 +21,20 @@ use mxpace::classify::{Classifier, Hints};
 use mxpace::config::Config;
 use mxpace::shaping::engine::ReportInput;
 use mxpace::shaping::{Engine, EngineClock};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Counts live bytes and allocation calls; the system allocator does the work.
-struct Counting;
-
-static LIVE: AtomicU64 = AtomicU64::new(0);
-static CALLS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as u64, Relaxed);
-        CALLS.fetch_add(1, Relaxed);
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as u64, Relaxed);
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as u64, Relaxed);
-        LIVE.fetch_sub(l.size() as u64, Relaxed);
-        CALLS.fetch_add(1, Relaxed);
-        System.realloc(p, l, new)
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-const CORPUS: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/corpus/dev.tsv"
-));
-const SEED: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/seed-replies.tsv"
-));
+#[path = "../integration/common/counting_alloc.rs"]
+mod counting_alloc;
+#[path = "../integration/common/replies.rs"]
+mod replies;
 
 const DELIVERED: &str = "250 2.0.0 Ok: queued as 4XkT2m0Zq5z9";
 /// Destinations of the steady-path cases: 1000 domains × 4 sending IPs.
 const DOMAINS: usize = 1000;
 const IPS: [&str; 4] = ["192.0.2.10", "192.0.2.11", "192.0.2.12", "192.0.2.13"];
 const MEMORY_DESTINATIONS: usize = 1_000_000;
-
-fn corpus_replies() -> Vec<&'static str> {
-    let mut r: Vec<&str> = CORPUS
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split('\t').next())
-        .filter(|r| !r.is_empty())
-        .collect();
-    r.extend(
-        SEED.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| l.split('\t').next()),
-    );
-    r
-}
 
 struct Workload {
     recipients: Vec<String>,
@@ -92,7 +44,7 @@ struct Workload {
 
 /// Requests spread over the destinations; `mix` = share of corpus replies (else delivered).
 fn workload(n: usize, mix: f64) -> Workload {
-    let corpus = corpus_replies();
+    let corpus = replies::all();
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
         x ^= x >> 12;
@@ -207,7 +159,7 @@ fn plain_figure(case: &Case, secs: f64) {
     for i in 0..10_000 {
         case.step(i);
     }
-    let calls = CALLS.load(Relaxed);
+    let calls = counting_alloc::calls();
     let start = Instant::now();
     let mut n = 0usize;
     while start.elapsed() < Duration::from_secs_f64(secs) {
@@ -217,7 +169,7 @@ fn plain_figure(case: &Case, secs: f64) {
         }
     }
     let el = start.elapsed().as_secs_f64();
-    let allocs = (CALLS.load(Relaxed) - calls) as f64 / n as f64;
+    let allocs = (counting_alloc::calls() - calls) as f64 / n as f64;
     println!(
         "shaping {}: {:.0} ns/decision, {:.0} decisions/s, {:.3} allocations/decision ({} decisions, one thread)",
         case.name,
@@ -257,7 +209,7 @@ fn memory_figure() {
         recipient: Some("u@warmup.example.com"),
         ..Default::default()
     });
-    let (live0, rss0) = (LIVE.load(Relaxed), rss_kib());
+    let (live0, rss0) = (counting_alloc::live(), rss_kib());
     let start = Instant::now();
     for n in &names {
         engine.report(&ReportInput {
@@ -267,7 +219,7 @@ fn memory_figure() {
         });
     }
     let el = start.elapsed().as_secs_f64();
-    let (live1, rss1) = (LIVE.load(Relaxed), rss_kib());
+    let (live1, rss1) = (counting_alloc::live(), rss_kib());
     let stats = engine.stats();
     let d = stats.destinations.saturating_sub(1).max(1) as f64;
     println!(

@@ -2,52 +2,16 @@
 //! counting global allocator, so the count covers everything `classify` does.
 
 use mxpace::classify::{Classifier, Hints};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-const CORPUS: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/corpus/dev.tsv"
-));
-const SEED: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/seed-replies.tsv"
-));
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+#[path = "common/replies.rs"]
+mod replies;
 
 #[test]
 fn classify_does_not_allocate() {
     let c = Classifier::builtin();
-    let mut replies: Vec<&str> = CORPUS
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split('\t').next())
-        .collect();
-    replies.extend(
-        SEED.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split('\t').next()),
-    );
+    let mut replies = replies::all();
     replies.push("4.7.28 host gmail-smtp-in.l.google.com[142.250.1.27] said: 421-4.7.28 Gmail has detected an unusual rate 421 4.7.28 from your IP (in reply to end of DATA command)");
     let hints = Hints {
         mx_host: Some("gmail-smtp-in.l.google.com"),
@@ -60,13 +24,13 @@ fn classify_does_not_allocate() {
             std::hint::black_box(c.classify(r, hints));
         }
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = counting_alloc::calls();
     let mut classes = 0usize;
     for r in &replies {
         classes += c.classify(r, Hints::default()).class as usize;
         classes += c.classify(r, hints).class as usize;
     }
-    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let after = counting_alloc::calls();
     assert!(classes > 0);
     assert!(replies.len() > 350);
     assert_eq!(
@@ -78,7 +42,7 @@ fn classify_does_not_allocate() {
     );
 
     // The counter works: the cold path does allocate.
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = counting_alloc::calls();
     std::hint::black_box(c.explain(replies[0], Hints::default()));
-    assert!(ALLOCATIONS.load(Ordering::Relaxed) > before);
+    assert!(counting_alloc::calls() > before);
 }

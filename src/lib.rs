@@ -18,6 +18,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod idmap;
 pub mod metrics;
 pub mod postfix;
 pub mod protocol;

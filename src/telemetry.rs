@@ -21,7 +21,14 @@ pub fn init(level: &str, json: bool) {
 /// fails the same way; one a minute with the count says the same.
 pub struct LogThrottle {
     every: u32,
-    seen: std::collections::HashMap<u64, (u32, u32)>,
+    seen: crate::idmap::IdMap<(u32, u32)>,
+}
+
+/// One line a minute.
+impl Default for LogThrottle {
+    fn default() -> LogThrottle {
+        LogThrottle::new(60)
+    }
 }
 
 impl LogThrottle {
@@ -31,7 +38,7 @@ impl LogThrottle {
     pub fn new(every_secs: u32) -> LogThrottle {
         LogThrottle {
             every: every_secs,
-            seen: std::collections::HashMap::new(),
+            seen: Default::default(),
         }
     }
 

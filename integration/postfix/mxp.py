@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -161,15 +160,9 @@ class Mxpace:
         """SIGTERM and wait; SIGKILL if it lingers. Returns the exit code."""
         if not self.proc:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = pfx.stop_process(self.proc, timeout)
         _LIVE.discard(self)
-        return self.proc.returncode
+        return code
 
     def kill(self) -> None:
         """SIGKILL: a crash, no chance to flush or say goodbye."""

@@ -58,6 +58,30 @@ SENDER_DOMAIN = "sender.test"  # routed to discard:, so bounce notices (NDRs) va
 QUEUE_DIRS = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 
 
+def wait_until(predicate, timeout: float, poll: float = 0.1) -> bool:
+    """True once ``predicate()`` holds, False if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5) -> int | None:
+    """Stop a child by PID: SIGTERM, then SIGKILL if it has not exited within ``timeout``
+    seconds. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
 class PostfixError(RuntimeError):
     pass
 
@@ -647,13 +671,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             time.sleep(poll)
 
     def wait_until(self, predicate, timeout: float, poll: float = 0.1) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(poll)
+        return wait_until(predicate, timeout, poll)
 
     def flush(self) -> None:
         """Ask qmgr to retry deferred mail now (``postqueue -f``)."""

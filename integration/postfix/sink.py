@@ -50,6 +50,8 @@ import sys
 import time
 from typing import Any
 
+import pfx
+
 # Accept times kept per listener (for rate figures); later accepts are only counted.
 MAX_ACCEPT_TIMES = 100_000
 
@@ -695,13 +697,7 @@ class SinkProcess:
         """Stop by PID: SIGTERM, then SIGKILL if it has not exited within 5 s."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        pfx.stop_process(self.proc)
         if self.proc.stdout:
             self.proc.stdout.close()
         self.proc = None

@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any
 
+import pfx
+
 MAX_NETSTRING = 100_000  # Postfix's own limit on socketmap replies; bound requests the same
 
 
@@ -169,13 +171,7 @@ class RecorderProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        pfx.stop_process(self.proc)
         if self.proc.stdout:
             self.proc.stdout.close()
         self.proc = None

@@ -40,16 +40,6 @@ def mxpace_built():
     return mxp.binary()
 
 
-def wait_for(predicate, timeout: float, poll: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll)
-
-
 @contextlib.contextmanager
 def wired(loopback, listeners: list[dict[str, Any]], sites: dict[str, tuple[str, str, dict]],
           extra_toml: str = "", routes: dict[str, str] | None = None) -> Iterator[tuple]:
@@ -89,7 +79,7 @@ def settle(mta: pfx.Postfix, daemon: mxp.Mxpace, timeout: float = 10) -> tuple[i
         seen = (len(smtp_lines(mta)), daemon.replies())
         return seen[0] == seen[1] and seen[0] > 0
 
-    wait_for(same, timeout, 0.2)
+    pfx.wait_until(same, timeout, 0.2)
     return seen
 
 
@@ -299,7 +289,7 @@ def test_suspended_destination_waits_in_the_deferred_queue_until_resumed(loopbac
     with wired(loopback, listeners, sites) as (sinks, daemon, mta):
         res = mta.inject([f"user{i}@gmail.test" for i in range(n)])
         assert len(res.queued) == n
-        assert wait_for(lambda: sinks.stats()["listeners"]["gmail"]["accepted"] >= 2, 20), mta.log_tail()
+        assert pfx.wait_until(lambda: sinks.stats()["listeners"]["gmail"]["accepted"] >= 2, 20), mta.log_tail()
         out = daemon.ctl("suspend", "gmail", "--for", "10m").stdout
         assert "suspended" in out, out
         # What was already admitted may still leave (at most one lane's worth); then nothing.
@@ -340,7 +330,7 @@ def test_defer_blocks_safety_net_keeps_blocked_mail_queued(loopback, defer_block
         queued = len(res.queued)
         assert queued + len(res.refused) == n and queued >= 5
         assert all(code == 450 for code, _ in res.refused.values()), res.refused
-        assert wait_for(lambda: sinks.stats()["listeners"]["gmail"]["blocked"] >= 3, 20), mta.log_tail()
+        assert pfx.wait_until(lambda: sinks.stats()["listeners"]["gmail"]["blocked"] >= 3, 20), mta.log_tail()
         # The provider relaxes its rate; the block itself lifts after block_duration.
         sinks.set("gmail", rate=None)
         drained = mta.wait_empty(120, nudge=NUDGE)
@@ -374,8 +364,8 @@ def test_sigkill_mid_run_loses_and_bounces_nothing(loopback):
     sites = {"gmail": ("gmail", "gmail.test", {"start_tier": "t4", "max_tier": "t4"})}
     with wired(loopback, listeners, sites) as (sinks, daemon, mta):
         assert len(mta.inject(first).queued) == len(first)
-        assert wait_for(lambda: sinks.stats()["listeners"]["gmail"]["accepted"] >= 10, 30), mta.log_tail()
-        assert wait_for(lambda: len([d for d in smtp_lines(mta) if d.status == "bounced"]) == 3, 10)
+        assert pfx.wait_until(lambda: sinks.stats()["listeners"]["gmail"]["accepted"] >= 10, 30), mta.log_tail()
+        assert pfx.wait_until(lambda: len([d for d in smtp_lines(mta) if d.status == "bounced"]) == 3, 10)
         daemon.kill()
         killed_at = len(mta.log_text())
         accepted_at_kill = sinks.stats()["listeners"]["gmail"]["accepted"]

@@ -11,12 +11,12 @@
 
 use super::rules::Glob;
 use super::ProviderId;
-use std::collections::HashMap;
+use crate::idmap::IdMap;
 
 #[derive(Debug, Default)]
 pub(crate) struct HostIndex {
     /// Hash of an exact name (lowercase) or a `.suffix` → candidates with that hash.
-    by_hash: HashMap<u64, Vec<Keyed>, BuildIdentity>,
+    by_hash: IdMap<Vec<Keyed>>,
     /// Patterns the hash cannot serve, in provider order.
     others: Vec<(ProviderId, Glob)>,
 }
@@ -121,34 +121,6 @@ fn step(h: u64, b: u8) -> u64 {
 
 fn hash_rev(text: &[u8]) -> u64 {
     text.iter().rev().fold(SEED, |h, &b| step(h, b))
-}
-
-/// The keys are hashes already.
-#[derive(Clone, Copy, Debug, Default)]
-struct BuildIdentity;
-
-impl std::hash::BuildHasher for BuildIdentity {
-    type Hasher = Identity;
-    fn build_hasher(&self) -> Identity {
-        Identity(0)
-    }
-}
-
-#[derive(Debug)]
-struct Identity(u64);
-
-impl std::hash::Hasher for Identity {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = step(self.0, b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 #[cfg(test)]

@@ -416,6 +416,8 @@ struct Inner {
     /// Messages admitted per identity on the current UTC day (warm-up).
     sent_today: HashMap<u32, (u64, u64)>,
     evictions: u64,
+    /// Authentication-failure lines: one a minute per destination (key).
+    auth_log: crate::telemetry::LogThrottle,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -435,8 +437,6 @@ pub struct Engine {
     journal: std::sync::OnceLock<std::sync::mpsc::Sender<Change>>,
     /// MX rollup of unlisted domains, when enabled.
     mx: std::sync::OnceLock<Arc<super::mx::MxCache>>,
-    /// Authentication-failure lines: one a minute per destination.
-    auth_log: Mutex<crate::telemetry::LogThrottle>,
 }
 
 fn key_of(site: Site, identity: u32) -> u64 {
@@ -468,7 +468,6 @@ impl Engine {
             clock,
             journal: std::sync::OnceLock::new(),
             mx: std::sync::OnceLock::new(),
-            auth_log: Mutex::new(crate::telemetry::LogThrottle::new(60)),
         }
     }
 
@@ -770,7 +769,10 @@ impl Engine {
                     &inner.slots[slot as usize],
                 )));
             }
-            self.log_effect(setup, inner, site, identity, &effect, &st, r, &verdict);
+            let dest = inner.slots[slot as usize].key;
+            self.log_effect(
+                setup, inner, site, dest, identity, &effect, &st, r, &verdict,
+            );
             Some(effect)
         } else {
             // Unattributed: classified and counted, but no destination to adapt.
@@ -819,8 +821,9 @@ impl Engine {
     fn log_effect(
         &self,
         setup: &Setup,
-        inner: &Inner,
+        inner: &mut Inner,
         site: Site,
+        dest: u64,
         identity: &str,
         effect: &Effect,
         st: &DestState,
@@ -832,11 +835,7 @@ impl Engine {
             && effect.tier_changed.is_none()
         {
             if v.class == Class::AuthFailure {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                identity.hash(&mut h);
-                let key = (site.key() as u64) << 32 ^ h.finish();
-                let due = self.auth_log.lock().unwrap().due(key, self.clock.secs());
+                let due = inner.auth_log.due(dest, self.clock.secs());
                 if let Some(repeated) = due {
                     tracing::warn!(
                         target: "mxpace::auth",
