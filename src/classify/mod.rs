@@ -125,7 +125,11 @@ impl Default for Classifier {
     }
 }
 
-use prefilter::{CANDIDATE_WORDS, NO_BIT, TOKEN_BITS, TOKEN_KEY, UNLESS_KEY};
+use prefilter::{CANDIDATE_WORDS, NO_BIT, TOKEN_KEY, UNLESS_KEY};
+
+/// Candidate-set words that fit most rule sets (512 rules and tokens): the set is cleared
+/// per reply, and the largest one is 544 bytes.
+const SMALL_WORDS: usize = 8;
 
 /// Where the prefilter's literals occurred: (rule or token key, start offset), packed in
 /// one word, and a bit per entry for whether the occurrence is by itself a match. Bounded;
@@ -264,10 +268,9 @@ impl Classifier {
             let mut buf = [0u8; parse::MAX_REPLY_LEN];
             let text =
                 parse::strip_continuations(parsed.text, parsed.code, parsed.enhanced, &mut buf);
-            self.decide(&parsed, text, hints, &mut |_| {}).verdict
+            self.decide(&parsed, text, hints, |_| {}).verdict
         } else {
-            self.decide(&parsed, parsed.text, hints, &mut |_| {})
-                .verdict
+            self.decide(&parsed, parsed.text, hints, |_| {}).verdict
         }
     }
 
@@ -277,7 +280,7 @@ impl Classifier {
         let mut buf = vec![0u8; parse::MAX_REPLY_LEN];
         let text = parse::strip_continuations(parsed.text, parsed.code, parsed.enhanced, &mut buf);
         let mut candidates = Vec::new();
-        let d = self.decide(&parsed, text, hints, &mut |r| candidates.push(r));
+        let d = self.decide(&parsed, text, hints, |r| candidates.push(r));
         let rule = self.rule(d.verdict.rule);
         let provider_source = match d.provider_source {
             ProviderSource::None => String::new(),
@@ -315,13 +318,30 @@ impl Classifier {
             .and_then(|i| self.inner.rules.get(i))
     }
 
-    /// The hot path proper: prefilter, provider, first matching rule.
+    /// The hot path proper: prefilter, provider, first matching rule. `seen` is told every
+    /// candidate rule tried (for `--explain`).
     fn decide(
         &self,
         parsed: &Parsed<'_>,
         text: &str,
         hints: Hints<'_>,
-        seen: &mut dyn FnMut(usize),
+        seen: impl FnMut(usize),
+    ) -> Decision {
+        if self.inner.prefilter.always.len() <= SMALL_WORDS {
+            self.decide_in::<SMALL_WORDS>(parsed, text, hints, seen)
+        } else {
+            self.decide_in::<CANDIDATE_WORDS>(parsed, text, hints, seen)
+        }
+    }
+
+    /// [`decide`](Self::decide) with a candidate set of `W` words.
+    #[inline(always)]
+    fn decide_in<const W: usize>(
+        &self,
+        parsed: &Parsed<'_>,
+        text: &str,
+        hints: Hints<'_>,
+        mut seen: impl FnMut(usize),
     ) -> Decision {
         let c = &*self.inner;
         let enhanced = parsed
@@ -331,10 +351,9 @@ impl Classifier {
         // Candidate rules and tokens from one automaton pass. Where each literal occurred is
         // kept (bounded) so anchored rules verify at those offsets only.
         let pf = &c.prefilter;
-        // Candidate rules, then tokens (from bit `TOKEN_BITS`).
-        let mut cand = [0u64; CANDIDATE_WORDS];
-        let n_words = pf.always_rules.len();
-        cand[..n_words].copy_from_slice(&pf.always_rules);
+        // Candidate rules, then tokens (from word `token_word`).
+        let mut cand = [0u64; W];
+        cand[..pf.always.len()].copy_from_slice(&pf.always);
         let mut hits = Hits::default();
         {
             let bytes = text.as_bytes();
@@ -353,11 +372,7 @@ impl Classifier {
                 }
             });
         }
-        for &k in &pf.always_tokens {
-            let bit = TOKEN_BITS + k as usize;
-            cand[bit / 64] |= 1 << (bit % 64);
-        }
-        let (rules, tokens) = cand.split_at(TOKEN_BITS / 64);
+        let (rules, tokens) = cand[..pf.always.len()].split_at(pf.token_word);
 
         // Provider: the MX host is the strongest evidence, then the recipient's domain,
         // then tokens in the text.
@@ -408,7 +423,7 @@ impl Classifier {
 
         // First rule in priority order whose conditions hold.
         let mut chosen: Option<usize> = None;
-        'rules: for (w, &word) in rules[..n_words].iter().enumerate() {
+        'rules: for (w, &word) in rules.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
                 let r = w * 64 + bits.trailing_zeros() as usize;

@@ -50,8 +50,8 @@ pub(crate) const UNLESS_KEY: u16 = 0x4000;
 const _: () = assert!(MAX_RULES <= UNLESS_KEY as usize);
 /// [`Light::bit`] of an `unless` pattern: it makes nothing a candidate.
 pub(crate) const NO_BIT: u16 = u16::MAX;
-/// Candidate bits: rules first, then tokens from this bit on.
-pub(crate) const TOKEN_BITS: usize = MAX_RULES;
+/// Words of the largest candidate set: rules first, then tokens from the word after the
+/// last rule's ([`Prefilter::token_word`]).
 pub(crate) const CANDIDATE_WORDS: usize = (MAX_RULES + MAX_TOKENS) / 64;
 
 /// What one occurrence of a literal means for one target, precomputed so the per-hit
@@ -61,7 +61,8 @@ pub(crate) struct Light {
     /// The target's key in the hit list: a rule index, `TOKEN_KEY | token`, or
     /// `UNLESS_KEY | rule`.
     pub key: u16,
-    /// The target's bit in the candidate set ([`TOKEN_BITS`]), or [`NO_BIT`].
+    /// The target's bit in the candidate set (tokens from [`Prefilter::token_word`]), or
+    /// [`NO_BIT`].
     pub bit: u16,
     /// Whether an occurrence of the literal is by itself a match of the target's regex
     /// ([`PROVES`]), given the word boundaries it asks for. Such candidates need no regex
@@ -70,10 +71,10 @@ pub(crate) struct Light {
 }
 
 impl Target {
-    fn light(self, proof: u8) -> Light {
+    fn light(self, proof: u8, token_word: usize) -> Light {
         let (key, bit) = match self {
             Target::Rule(r) => (r as u16, r as u16),
-            Target::Token(k) => (TOKEN_KEY | k as u16, (TOKEN_BITS + k as usize) as u16),
+            Target::Token(k) => (TOKEN_KEY | k as u16, (token_word * 64 + k as usize) as u16),
             Target::Unless(r) => (UNLESS_KEY | r as u16, NO_BIT),
         };
         Light { key, bit, proof }
@@ -86,10 +87,11 @@ pub(crate) struct Prefilter {
     /// Per literal: the range of `lights` it lights up.
     pub spans: Vec<(u32, u32)>,
     pub lights: Vec<Light>,
-    /// Rules that are candidates for every reply (bitset over rule indices).
-    pub always_rules: Vec<u64>,
-    /// Tokens that must always be checked.
-    pub always_tokens: Vec<u32>,
+    /// Rules and tokens that are candidates for every reply: the candidate set a reply
+    /// starts from (rule words, then token words).
+    pub always: Vec<u64>,
+    /// The first word of token bits (the rule words come before it).
+    pub token_word: usize,
     /// Per rule / token: its literals start every match (verify anchored at each hit).
     pub rule_anchored: Vec<bool>,
     pub token_anchored: Vec<bool>,
@@ -106,8 +108,8 @@ pub(crate) fn build(
 ) -> Prefilter {
     let mut by_literal: HashMap<Vec<u8>, Vec<(Target, u8)>> = HashMap::new();
     let mut order: Vec<Vec<u8>> = Vec::new();
-    let mut always_rules = vec![0u64; n_rules.div_ceil(64)];
-    let mut always_tokens = Vec::new();
+    let token_word = n_rules.div_ceil(64);
+    let mut always = vec![0u64; token_word + n_tokens.div_ceil(64)];
     let mut rule_anchored = vec![false; n_rules];
     let mut token_anchored = vec![false; n_tokens];
     let mut unless_indexed = vec![false; n_rules];
@@ -141,11 +143,12 @@ pub(crate) fn build(
                     }
                 }
             }
-            None => match target {
-                Target::Rule(r) => always_rules[r as usize / 64] |= 1 << (r % 64),
-                Target::Token(t) => always_tokens.push(t),
-                Target::Unless(_) => {}
-            },
+            None => {
+                let bit = target.light(0, token_word).bit;
+                if bit != NO_BIT {
+                    always[bit as usize / 64] |= 1 << (bit % 64);
+                }
+            }
         }
     }
     let mut spans = Vec::with_capacity(order.len());
@@ -153,15 +156,18 @@ pub(crate) fn build(
     for lit in &order {
         let t = &by_literal[lit];
         spans.push((lights.len() as u32, (lights.len() + t.len()) as u32));
-        lights.extend(t.iter().map(|&(target, proof)| target.light(proof)));
+        lights.extend(
+            t.iter()
+                .map(|&(target, proof)| target.light(proof, token_word)),
+        );
     }
     let scanner = Scanner::new(&order);
     Prefilter {
         scanner,
         spans,
         lights,
-        always_rules,
-        always_tokens,
+        always,
+        token_word,
         rule_anchored,
         token_anchored,
         unless_indexed,
