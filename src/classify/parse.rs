@@ -154,6 +154,8 @@ fn bounded(s: &str) -> &str {
 /// A Postfix delivery log line: fills recipient, relay, dsn and returns the text in the
 /// parentheses after `status=…`.
 fn postfix_log<'a>(s: &'a str, p: &mut Parsed<'a>) -> Option<&'a str> {
+    // Most replies hold no `=` at all: one plain scan decides.
+    memchr::memchr(b'=', s.as_bytes())?;
     let at = find_ci(s, ci!("status="))?;
     if at > 0 && !matches!(s.as_bytes()[at - 1], b' ' | b',') {
         return None;
@@ -422,8 +424,39 @@ fn strip_in_reply_to<'a>(s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     s
 }
 
-/// The SMTP stage a command name or Postfix activity phrase refers to.
+/// Commands as they lead Postfix's `(in reply to X command)`, Exim's `after X:` and qmail's
+/// `did not like our X:`, longest first where one starts another.
+const COMMANDS: [(&[u8], SmtpStage); 8] = [
+    (b"end of data", SmtpStage::EndOfData),
+    (b"rcpt", SmtpStage::RcptTo),
+    (b"mail from", SmtpStage::MailFrom),
+    (b"data", SmtpStage::Data),
+    (b"helo", SmtpStage::Helo),
+    (b"ehlo", SmtpStage::Helo),
+    (b"starttls", SmtpStage::StartTls),
+    (b"quit", SmtpStage::Quit),
+];
+
+/// The stage of the command `s` starts with (after an optional `(in reply to `), when a
+/// known command is followed by a non-letter or the end.
+fn leading_command(s: &str) -> Option<SmtpStage> {
+    let s = strip_prefix_ci(s, "(in reply to ").unwrap_or(s).as_bytes();
+    COMMANDS.iter().find_map(|&(cmd, stage)| {
+        (s.len() >= cmd.len()
+            && s[..cmd.len()].eq_ignore_ascii_case(cmd)
+            && !s.get(cmd.len()).is_some_and(|b| b.is_ascii_alphabetic()))
+        .then_some(stage)
+    })
+}
+
+/// The SMTP stage a command name or Postfix activity phrase refers to: the command it
+/// starts with, else the first known phrase anywhere in it.
 pub fn stage_of(s: &str) -> Option<SmtpStage> {
+    leading_command(s).or_else(|| stage_in(s))
+}
+
+/// The SMTP stage a phrase anywhere in `s` names.
+fn stage_in(s: &str) -> Option<SmtpStage> {
     // Order matters: "end of DATA" before "DATA", "MAIL FROM" before "HELO" (rare mix).
     if find_ci(s, ci!("end of data")).is_some()
         || find_ci(s, ci!("final data")).is_some()
@@ -575,23 +608,22 @@ fn code_digits(c: u16) -> [u8; 3] {
 /// repeated after a space.
 pub fn needs_strip(text: &str, code: Option<u16>) -> bool {
     let b = text.as_bytes();
-    if memchr::memchr2(b'\n', b'\r', b).is_some() {
-        return true;
-    }
     let Some(cb) = code.map(code_digits) else {
-        return false;
+        return memchr::memchr2(b'\n', b'\r', b).is_some();
     };
-    // ` DDD ` or ` DDD-`: skip to each occurrence of the code's first digit at 1..len-4.
-    let mut from = 1;
-    while from + 4 <= b.len() {
-        let i = match memchr::memchr(cb[0], &b[from..b.len() - 3]) {
-            Some(k) => from + k,
-            None => return false,
-        };
-        if b[i - 1] == b' ' && b[i + 1..i + 3] == cb[1..] && matches!(b[i + 3], b' ' | b'-') {
+    // One pass over line breaks and the code's first digit: ` DDD ` or ` DDD-`.
+    for i in memchr::memchr3_iter(b'\n', b'\r', cb[0], b) {
+        if b[i] != cb[0] {
             return true;
         }
-        from = i + 1;
+        if i > 0
+            && i + 4 <= b.len()
+            && b[i - 1] == b' '
+            && b[i + 1..i + 3] == cb[1..]
+            && matches!(b[i + 3], b' ' | b'-')
+        {
+            return true;
+        }
     }
     false
 }

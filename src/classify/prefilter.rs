@@ -201,7 +201,7 @@ struct Table {
     /// Bit filter over the key's hash.
     filter: Vec<u64>,
     filter_shift: u32,
-    /// Power-of-two size, at most half full; `ids` empty ranges mark free slots.
+    /// Power-of-two size, at most half full; slots without [`OCCUPIED`] are free.
     slots: Vec<Slot>,
     shift: u32,
     /// Literals grouped by key (ranges in `Slot`).
@@ -225,8 +225,16 @@ struct Entry {
 struct Slot {
     key: u64,
     lo: u32,
-    hi: u32,
+    n: u16,
+    flags: u16,
 }
+
+/// The slot holds a key.
+const OCCUPIED: u16 = 1;
+/// In the four-byte table: a literal of 8 to 15 bytes starts with this key.
+const LONGER8: u16 = 2;
+/// In the four-byte table: a literal of 16 bytes or more starts with this key.
+const LONGER16: u16 = 4;
 
 #[inline(always)]
 fn lower(b: u8) -> u8 {
@@ -290,38 +298,51 @@ fn mix(k: u64) -> u64 {
 }
 
 impl Table {
-    fn new(mut keyed: Vec<(u64, Entry)>, filter_bits: u32) -> Table {
+    /// `keyed` literals grouped by key, and `marks`: flags for keys that may have no
+    /// literal of their own (the four-byte prefixes of longer literals).
+    fn new(mut keyed: Vec<(u64, Entry)>, marks: &[(u64, u16)], filter_bits: u32) -> Table {
         keyed.sort_unstable_by_key(|e| (e.0, e.1.id));
-        let distinct = keyed.windows(2).filter(|w| w[0].0 != w[1].0).count() + 1;
-        let bits = (2 * distinct).next_power_of_two().trailing_zeros().max(4);
+        let mut keys: Vec<(u64, u16)> = keyed.iter().map(|e| (e.0, 0)).collect();
+        keys.extend_from_slice(marks);
+        keys.sort_unstable_by_key(|k| k.0);
+        keys.dedup_by(|b, a| {
+            let same = a.0 == b.0;
+            if same {
+                a.1 |= b.1;
+            }
+            same
+        });
+        let bits = (2 * keys.len().max(1))
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(4);
         let shift = 64 - bits;
-        let mut slots = vec![
-            Slot {
-                key: 0,
-                lo: 0,
-                hi: 0
-            };
-            1 << bits
-        ];
+        let free = Slot {
+            key: 0,
+            lo: 0,
+            n: 0,
+            flags: 0,
+        };
+        let mut slots = vec![free; 1 << bits];
         let mut filter = vec![0u64; (1usize << filter_bits) / 64];
         let filter_shift = 64 - filter_bits;
         let mut ids = Vec::with_capacity(keyed.len());
         let mut i = 0;
-        while i < keyed.len() {
-            let k = keyed[i].0;
+        for &(k, flags) in &keys {
             let lo = ids.len() as u32;
             while i < keyed.len() && keyed[i].0 == k {
                 ids.push(keyed[i].1);
                 i += 1;
             }
             let mut h = (mix(k) >> shift) as usize;
-            while slots[h].hi != 0 {
+            while slots[h].flags & OCCUPIED != 0 {
                 h = (h + 1) & (slots.len() - 1);
             }
             slots[h] = Slot {
                 key: k,
                 lo,
-                hi: ids.len() as u32,
+                n: u16::try_from(ids.len() - lo as usize).expect("literals per key"),
+                flags: flags | OCCUPIED,
             };
             let f = (mix(k).rotate_left(32) >> filter_shift) as usize;
             filter[f / 64] |= 1 << (f % 64);
@@ -335,23 +356,25 @@ impl Table {
         }
     }
 
-    /// The literals whose key is `k` (usually none, decided by the filter).
+    /// The literals whose key is `k` and the key's flags (usually none, decided by the
+    /// filter).
     #[inline(always)]
-    fn get(&self, k: u64) -> &[Entry] {
+    fn get(&self, k: u64) -> (&[Entry], u16) {
         let m = mix(k);
         let f = (m.rotate_left(32) >> self.filter_shift) as usize;
         if self.filter[f / 64] & (1 << (f % 64)) == 0 {
-            return &[];
+            return (&[], 0);
         }
         let mask = self.slots.len() - 1;
         let mut h = (m >> self.shift) as usize;
         loop {
             let slot = self.slots[h];
-            if slot.hi == 0 {
-                return &[];
+            if slot.flags == 0 {
+                return (&[], 0);
             }
             if slot.key == k {
-                return &self.ids[slot.lo as usize..slot.hi as usize];
+                let lo = slot.lo as usize;
+                return (&self.ids[lo..lo + slot.n as usize], slot.flags);
             }
             h = (h + 1) & mask;
         }
@@ -379,13 +402,20 @@ impl Scanner {
         };
         let (mut sixteen, mut eight, mut four, mut three) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Every literal of four bytes or more passes the four-byte table: its slot says
+        // whether the longer tables are worth a look.
+        let mut longer = Vec::new();
         for (i, l) in lits.iter().enumerate() {
             match l.len() {
                 0..=2 => {}
                 3 => three.push((key(l, 3), entry(i, l, 3))),
                 4..=7 => four.push((key(l, 4), entry(i, l, 0))),
-                8..=15 => eight.push((key(l, 8), entry(i, l, 8))),
+                8..=15 => {
+                    longer.push((key(l, 4), LONGER8));
+                    eight.push((key(l, 8), entry(i, l, 8)));
+                }
                 _ => {
+                    longer.push((key(l, 4), LONGER16));
                     // The entry's word is the first eight bytes: with them the key
                     // determines the second eight.
                     let k8 = key(l, 8);
@@ -417,10 +447,10 @@ impl Scanner {
         }
         Scanner {
             head,
-            sixteen: Table::new(sixteen, 15),
-            eight: Table::new(eight, 14),
-            four: Table::new(four, 14),
-            three: Table::new(three, 12),
+            sixteen: Table::new(sixteen, &[], 15),
+            eight: Table::new(eight, &[], 14),
+            four: Table::new(four, &longer, 15),
+            three: Table::new(three, &[], 12),
             lits,
         }
     }
@@ -461,26 +491,28 @@ impl Scanner {
     fn probe(&self, text: &[u8], start: usize, f: &mut impl FnMut(usize, usize)) {
         let rest = &text[start..];
         let k8 = load8_lower(rest);
-        for e in self.three.get(k8 >> 40) {
+        for e in self.three.get(k8 >> 40).0 {
             f(e.id as usize, start);
         }
-        if rest.len() >= 4 {
-            // The whole literal (four to seven bytes) is in the window already loaded.
-            for e in self.four.get(k8 >> 32) {
-                if rest.len() >= e.len as usize && k8 & e.mask == e.word {
-                    f(e.id as usize, start);
-                }
+        if rest.len() < 4 {
+            return;
+        }
+        // The whole literal (four to seven bytes) is in the window already loaded.
+        let (fours, longer) = self.four.get(k8 >> 32);
+        for e in fours {
+            if rest.len() >= e.len as usize && k8 & e.mask == e.word {
+                f(e.id as usize, start);
             }
         }
-        if rest.len() >= 8 {
+        if longer & (LONGER8 | LONGER16) != 0 && rest.len() >= 8 {
             let next = load8_lower(&rest[8..]);
-            for e in self.eight.get(k8) {
+            for e in self.eight.get(k8).0 {
                 if rest.len() >= e.len as usize && next & e.mask == e.word {
                     f(e.id as usize, start);
                 }
             }
-            if rest.len() >= 16 {
-                for e in self.sixteen.get(sixteen_key(k8, next)) {
+            if longer & LONGER16 != 0 && rest.len() >= 16 {
+                for e in self.sixteen.get(sixteen_key(k8, next)).0 {
                     if e.word == k8
                         && rest.len() >= e.len as usize
                         && (e.len == 16 || self.tail_matches(rest, e))
