@@ -832,6 +832,28 @@ mod tests {
     use SmtpStage::*;
 
     #[test]
+    fn stage_from_the_leading_command_else_a_phrase() {
+        let cases: &[(&str, Option<SmtpStage>)] = &[
+            ("(in reply to end of DATA command)", Some(EndOfData)),
+            ("(in reply to RCPT TO command)", Some(RcptTo)),
+            ("(IN REPLY TO data command)", Some(Data)),
+            ("(in reply to MAIL FROM command)", Some(MailFrom)),
+            ("(in reply to EHLO command)", Some(Helo)),
+            // The command decides over a phrase inside the address.
+            ("RCPT TO:<end-of-data@example.com>", Some(RcptTo)),
+            ("MAIL FROM:<data@example.com>", Some(MailFrom)),
+            // Not a command word: the phrase search.
+            ("database error after end of data", Some(EndOfData)),
+            (" while receiving the initial server greeting", Some(Greeting)),
+            (" while performing the TLS negotiation", Some(StartTls)),
+            ("(in reply to unknown command)", None),
+        ];
+        for &(s, want) in cases {
+            assert_eq!(stage_of(s), want, "{s}");
+        }
+    }
+
+    #[test]
     fn case_insensitive_search() {
         // (haystack, needle, first, last)
         let cases: &[(&str, &'static str, Option<usize>, Option<usize>)] = &[
