@@ -357,9 +357,8 @@ impl Classifier {
         let mut hits = Hits::default();
         {
             let bytes = text.as_bytes();
-            pf.scanner.for_each(bytes, |lit, start| {
+            pf.scanner.for_each(bytes, |lit, start, end| {
                 let (lo, hi) = (pf.spans[lit].0 as usize, pf.spans[lit].1 as usize);
-                let end = start + pf.scanner.literal_len(lit);
                 for l in &pf.lights[lo..hi] {
                     if l.bit != NO_BIT {
                         cand[l.bit as usize / 64] |= 1 << (l.bit % 64);

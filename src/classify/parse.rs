@@ -844,7 +844,10 @@ mod tests {
             ("MAIL FROM:<data@example.com>", Some(MailFrom)),
             // Not a command word: the phrase search.
             ("database error after end of data", Some(EndOfData)),
-            (" while receiving the initial server greeting", Some(Greeting)),
+            (
+                " while receiving the initial server greeting",
+                Some(Greeting),
+            ),
             (" while performing the TLS negotiation", Some(StartTls)),
             ("(in reply to unknown command)", None),
         ];

@@ -456,14 +456,14 @@ impl Scanner {
     }
 
     /// Length of literal `id` in bytes.
-    #[inline]
+    #[cfg(test)]
     pub fn literal_len(&self, id: usize) -> usize {
         self.lits[id].len()
     }
 
-    /// Calls `f(literal id, start)` for every occurrence of every literal.
+    /// Calls `f(literal id, start, end)` for every occurrence of every literal.
     #[inline]
-    pub fn for_each(&self, text: &[u8], mut f: impl FnMut(usize, usize)) {
+    pub fn for_each(&self, text: &[u8], mut f: impl FnMut(usize, usize, usize)) {
         if text.len() < 3 {
             return;
         }
@@ -488,11 +488,11 @@ impl Scanner {
     /// The literals that occur at `start`, whose head key passed the filter. Kept out of
     /// line: the per-byte loop then holds its state in registers.
     #[inline(never)]
-    fn probe(&self, text: &[u8], start: usize, f: &mut impl FnMut(usize, usize)) {
+    fn probe(&self, text: &[u8], start: usize, f: &mut impl FnMut(usize, usize, usize)) {
         let rest = &text[start..];
         let k8 = load8_lower(rest);
         for e in self.three.get(k8 >> 40).0 {
-            f(e.id as usize, start);
+            f(e.id as usize, start, start + 3);
         }
         if rest.len() < 4 {
             return;
@@ -501,14 +501,14 @@ impl Scanner {
         let (fours, longer) = self.four.get(k8 >> 32);
         for e in fours {
             if rest.len() >= e.len as usize && k8 & e.mask == e.word {
-                f(e.id as usize, start);
+                f(e.id as usize, start, start + e.len as usize);
             }
         }
         if longer & (LONGER8 | LONGER16) != 0 && rest.len() >= 8 {
             let next = load8_lower(&rest[8..]);
             for e in self.eight.get(k8).0 {
                 if rest.len() >= e.len as usize && next & e.mask == e.word {
-                    f(e.id as usize, start);
+                    f(e.id as usize, start, start + e.len as usize);
                 }
             }
             if longer & LONGER16 != 0 && rest.len() >= 16 {
@@ -517,7 +517,7 @@ impl Scanner {
                         && rest.len() >= e.len as usize
                         && (e.len == 16 || self.tail_matches(rest, e))
                     {
-                        f(e.id as usize, start);
+                        f(e.id as usize, start, start + e.len as usize);
                     }
                 }
             }
@@ -884,7 +884,10 @@ mod tests {
             "users userx1 USER OK userx user o",
         ] {
             let mut got = Vec::new();
-            sc.for_each(text.as_bytes(), |id, start| got.push((id, start)));
+            sc.for_each(text.as_bytes(), |id, start, end| {
+                assert_eq!(end - start, sc.literal_len(id));
+                got.push((id, start))
+            });
             got.sort();
             // Brute force: every literal at every offset, ASCII case-insensitively.
             let mut want = Vec::new();
@@ -902,8 +905,8 @@ mod tests {
         }
         assert!(total >= 30, "{total}");
         let mut none = 0;
-        sc.for_each(b"ab", |_, _| none += 1);
-        Scanner::new(&[]).for_each(b"anything", |_, _| none += 1);
+        sc.for_each(b"ab", |_, _, _| none += 1);
+        Scanner::new(&[]).for_each(b"anything", |_, _, _| none += 1);
         assert_eq!(none, 0);
     }
 
