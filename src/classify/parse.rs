@@ -492,8 +492,10 @@ fn stage_in(s: &str) -> Option<SmtpStage> {
 
 /// `X.Y.Z ` at the start (the status-filter key) → (code, rest). The rest must be non-empty.
 fn leading_enhanced(s: &str) -> Option<(Enhanced, &str)> {
-    let end = s.find(' ')?;
-    let e = Enhanced::parse(&s[..end])?;
+    let (e, end) = Enhanced::parse_prefix(s.as_bytes())?;
+    if s.as_bytes().get(end) != Some(&b' ') {
+        return None;
+    }
     let rest = s[end + 1..].trim_start();
     if rest.is_empty() {
         None
@@ -509,23 +511,26 @@ fn leading_codes(s: &str) -> (Option<u16>, Option<Enhanced>, &str) {
     let Some((code, mut rest)) = base_code(t) else {
         return (None, None, s);
     };
-    rest = skip_bytes(rest, b" -:");
-    let r = skip_bytes(rest, b"#'");
-    let end = r
-        .bytes()
-        .position(|c| !(c.is_ascii_digit() || c == b'.'))
-        .unwrap_or(r.len());
-    let enhanced = Enhanced::parse(&r[..end]).filter(|e| e.class as u16 == code / 100);
-    if enhanced.is_some() {
-        rest = &r[end..];
-    }
-    (Some(code), enhanced, skip_bytes(rest, b" -"))
+    rest = skip_bytes(rest, |b| matches!(b, b' ' | b'-' | b':'));
+    let r = skip_bytes(rest, |b| matches!(b, b'#' | b'\''));
+    let enhanced = match Enhanced::parse_prefix(r.as_bytes()) {
+        Some((e, n)) if e.class as u16 == code / 100 => {
+            rest = &r[n..];
+            Some(e)
+        }
+        _ => None,
+    };
+    (
+        Some(code),
+        enhanced,
+        skip_bytes(rest, |b| matches!(b, b' ' | b'-')),
+    )
 }
 
 /// `s` without its leading bytes from `set` (ASCII, so the cut is a character boundary).
 #[inline]
-fn skip_bytes<'a>(s: &'a str, set: &[u8]) -> &'a str {
-    let n = s.bytes().take_while(|b| set.contains(b)).count();
+fn skip_bytes(s: &str, skip: impl Fn(u8) -> bool) -> &str {
+    let n = s.bytes().take_while(|&b| skip(b)).count();
     &s[n..]
 }
 

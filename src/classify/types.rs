@@ -126,9 +126,16 @@ pub struct Enhanced {
 impl Enhanced {
     /// Parses `X.Y.Z` exactly (class 2, 4 or 5; subject and detail up to 3 digits).
     pub fn parse(s: &str) -> Option<Self> {
-        // Byte-wise: this runs several times per reply on the hot path.
-        let b = s.as_bytes();
-        if !(5..=9).contains(&b.len()) || !matches!(b[0], b'2' | b'4' | b'5') || b[1] != b'.' {
+        match Self::parse_prefix(s.as_bytes()) {
+            Some((e, n)) if n == s.len() => Some(e),
+            _ => None,
+        }
+    }
+
+    /// `X.Y.Z` at the start of `b`, ended by anything but a digit or a dot: the code and
+    /// its length. Byte-wise: this runs on every reply.
+    pub fn parse_prefix(b: &[u8]) -> Option<(Self, usize)> {
+        if b.len() < 5 || !matches!(b[0], b'2' | b'4' | b'5') || b[1] != b'.' {
             return None;
         }
         let (subject, n) = Self::number(&b[2..])?;
@@ -137,14 +144,18 @@ impl Enhanced {
             return None;
         }
         let (detail, m) = Self::number(&rest[1..])?;
-        if m != rest.len() - 1 {
+        let len = 3 + n + m;
+        if b.get(len).is_some_and(|&c| c.is_ascii_digit() || c == b'.') {
             return None;
         }
-        Some(Enhanced {
-            class: b[0] - b'0',
-            subject,
-            detail,
-        })
+        Some((
+            Enhanced {
+                class: b[0] - b'0',
+                subject,
+                detail,
+            },
+            len,
+        ))
     }
 
     /// The run of digits at the start of `b`, if it is one to three digits long.
@@ -198,6 +209,23 @@ mod tests {
             "", "4.7", "3.1.1", "4.7.6500", "4..1", "a.b.c", "4.7.1.", "5.1234.1", "45.1.1",
         ] {
             assert_eq!(Enhanced::parse(bad), None, "{bad}");
+        }
+        // At the start of a text: ended by anything but a digit or a dot.
+        let e = |c, s, d| Enhanced {
+            class: c,
+            subject: s,
+            detail: d,
+        };
+        assert_eq!(Enhanced::parse_prefix(b"5.1.1 user"), Some((e(5, 1, 1), 5)));
+        assert_eq!(Enhanced::parse_prefix(b"4.7.650"), Some((e(4, 7, 650), 7)));
+        assert_eq!(Enhanced::parse_prefix(b"5.7.1;x"), Some((e(5, 7, 1), 5)));
+        for bad in ["5.1.1.2 x", "5.1.10000", "5.1.1x"] {
+            let want = if bad == "5.1.1x" {
+                Some((e(5, 1, 1), 5))
+            } else {
+                None
+            };
+            assert_eq!(Enhanced::parse_prefix(bad.as_bytes()), want, "{bad}");
         }
         // The definition, spelled plainly: three dot-separated parts, 1-3 digits each after
         // the class. Every string over a small alphabet up to eight bytes agrees with it.
