@@ -346,7 +346,7 @@ impl Classifier {
         let c = &*self.inner;
         let enhanced = parsed
             .effective_enhanced()
-            .or_else(|| hints.status.and_then(|s| Enhanced::parse(s.trim())));
+            .or_else(|| hints.status.and_then(|s| Enhanced::parse(s.trim_ascii())));
 
         // Candidate rules and tokens from one automaton pass. Where each literal occurred is
         // kept (bounded) so anchored rules verify at those offsets only.
@@ -518,14 +518,14 @@ impl Classifier {
     pub fn provider_for_mx(&self, host: &str) -> ProviderId {
         self.inner
             .mx_index
-            .lookup(host.trim().trim_end_matches('.').as_bytes())
+            .lookup(host.trim_ascii().trim_end_matches('.').as_bytes())
     }
 
     /// Provider that owns the recipient `domain` (case-insensitive).
     pub fn provider_for_domain(&self, domain: &str) -> ProviderId {
         self.inner
             .domain_index
-            .lookup(domain.trim().trim_end_matches('.').as_bytes())
+            .lookup(domain.trim_ascii().trim_end_matches('.').as_bytes())
     }
 
     /// Number of providers including the unnamed one at index 0.

@@ -83,7 +83,7 @@ impl Parsed<'_> {
 
 /// Parses one reply in any of the supported forms.
 pub fn parse(input: &str) -> Parsed<'_> {
-    let mut s = bounded(input).trim();
+    let mut s = bounded(input).trim_ascii();
     let mut p = Parsed::default();
 
     if let Some(inner) = postfix_log(s, &mut p) {
@@ -91,11 +91,11 @@ pub fn parse(input: &str) -> Parsed<'_> {
     }
     if let Some(rest) = strip_prefix_ci(s, "Diagnostic-Code:") {
         p.form = outer(p.form, Form::Diagnostic);
-        s = rest.trim_start();
+        s = rest.trim_ascii_start();
         // `smtp; 550 …`, `X-Postfix; …`: the type is one token before the semicolon.
         if let Some(semi) = s.find(';') {
             if semi > 0 && semi < 16 && !s[..semi].contains(' ') {
-                s = s[semi + 1..].trim_start();
+                s = s[semi + 1..].trim_ascii_start();
             }
         }
     }
@@ -127,7 +127,7 @@ pub fn parse(input: &str) -> Parsed<'_> {
             p.enhanced = Some(e);
         }
     }
-    p.text = s.trim();
+    p.text = s.trim_ascii();
     p
 }
 
@@ -190,10 +190,10 @@ fn postfix_log<'a>(s: &'a str, p: &mut Parsed<'a>) -> Option<&'a str> {
 
 /// `name[ip]` or `name[ip]:port` or `name` → (name, ip).
 fn host_ip(s: &str) -> (Option<&str>, Option<&str>) {
-    let s = s.trim();
+    let s = s.trim_ascii();
     match s.find('[') {
         Some(i) => {
-            let host = s[..i].trim();
+            let host = s[..i].trim_ascii();
             let rest = &s[i + 1..];
             let ip = rest.find(']').map(|j| &rest[..j]);
             (
@@ -215,12 +215,12 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     if let Some(rest) = strip_prefix_ci(s, "host ") {
         if let Some(i) = find_ci(rest, ci!(" said:")) {
             set_host(p, &rest[..i]);
-            return rest[i + 6..].trim_start();
+            return rest[i + 6..].trim_ascii_start();
         }
         if let Some(i) = find_ci(rest, ci!(" refused to talk to me:")) {
             set_host(p, &rest[..i]);
             p.stage = Some(SmtpStage::Greeting);
-            return rest[i + " refused to talk to me:".len()..].trim_start();
+            return rest[i + " refused to talk to me:".len()..].trim_ascii_start();
         }
     }
     if let Some(rest) = strip_prefix_ci(s, "connect to ") {
@@ -257,12 +257,12 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
             (true, Some(j)) => inner[j + 5..].trim_end_matches('>'),
             _ => inner,
         };
-        return inner.trim();
+        return inner.trim_ascii();
     }
     // Exim: `[host NAME [IP] ]SMTP error from remote mail(er|server) after CMD: [host NAME [IP]: ]REPLY`.
     if let Some(i) = find_ci(s, ci!("SMTP error from remote mail")) {
         if let Some(h) = find_ci(&s[..i], ci!("host ")) {
-            let before = s[h + 5..i].trim();
+            let before = s[h + 5..i].trim_ascii();
             let end = before.find("] ").map(|e| e + 1).unwrap_or(before.len());
             set_host_spaced(p, &before[..end]);
         }
@@ -277,7 +277,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
             }
             p.form = outer(p.form, Form::Wrapped);
             if let Some(c) = colon {
-                s = cmd_and_reply[c + 1..].trim_start();
+                s = cmd_and_reply[c + 1..].trim_ascii_start();
                 if let Some(r) = strip_prefix_ci(s, "host ") {
                     if let Some(j) = r.find("]: ") {
                         set_host_spaced(p, &r[..j + 1]);
@@ -303,7 +303,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
             p.stage
         };
         p.form = outer(p.form, Form::Wrapped);
-        return s[i + "Remote host said:".len()..].trim_start();
+        return s[i + "Remote host said:".len()..].trim_ascii_start();
     }
     // `NAME [IP] did not like our RCPT TO:550 …`.
     if let Some(i) = find_ci(s, ci!(" did not like our ")) {
@@ -312,12 +312,12 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         let colon = rest.find(':').unwrap_or(rest.len());
         p.stage = stage_of(&rest[..colon]);
         p.form = outer(p.form, Form::Wrapped);
-        return rest.get(colon + 1..).unwrap_or("").trim_start();
+        return rest.get(colon + 1..).unwrap_or("").trim_ascii_start();
     }
     // Gmail's own bounce and other DSN prose: the remote text follows a fixed phrase.
     if let Some(end) = after_lead(s) {
         p.form = outer(p.form, Form::Wrapped);
-        return s[end..].trim_start().trim_start_matches('[');
+        return s[end..].trim_ascii_start().trim_start_matches('[');
     }
     s
 }
@@ -366,7 +366,7 @@ fn set_host<'a>(p: &mut Parsed<'a>, s: &'a str) {
 
 /// `name [ip]` (Exim, with a space) into the context.
 fn set_host_spaced<'a>(p: &mut Parsed<'a>, s: &'a str) {
-    let s = s.trim();
+    let s = s.trim_ascii();
     match s.find(" [") {
         Some(i) => {
             let ip = &s[i + 2..];
@@ -411,7 +411,7 @@ fn angle(s: &str) -> Option<&str> {
 
 /// Removes Postfix's `(in reply to X command)` trailer, recording the stage.
 fn strip_in_reply_to<'a>(s: &'a str, p: &mut Parsed<'a>) -> &'a str {
-    let t = s.trim_end();
+    let t = s.trim_ascii_end();
     if !t.ends_with(')') {
         return s;
     }
@@ -419,7 +419,7 @@ fn strip_in_reply_to<'a>(s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         if let Some(stage) = stage_of(&t[i..]) {
             p.stage = Some(stage);
         }
-        return t[..i].trim_end();
+        return t[..i].trim_ascii_end();
     }
     s
 }
@@ -496,7 +496,7 @@ fn leading_enhanced(s: &str) -> Option<(Enhanced, &str)> {
     if s.as_bytes().get(end) != Some(&b' ') {
         return None;
     }
-    let rest = s[end + 1..].trim_start();
+    let rest = s[end + 1..].trim_ascii_start();
     if rest.is_empty() {
         None
     } else {
