@@ -532,6 +532,16 @@ impl Scanner {
     }
 }
 
+/// Whether `pattern` has a group with inline flags (`(?i)`, `(?-u:…)`): an unescaped `(?`
+/// other than `(?:`. An escaped parenthesis made optional (`\(?`) is not one.
+fn has_inline_flags(pattern: &str) -> bool {
+    let b = pattern.as_bytes();
+    b.windows(2).enumerate().any(|(i, w)| {
+        let escaped = b[..i].iter().rev().take_while(|&&c| c == b'\\').count() % 2 == 1;
+        w == b"(?" && !escaped && b.get(i + 2) != Some(&b':')
+    })
+}
+
 /// Literals (lowercased) whose occurrence alone is a match of `pattern`, with the word
 /// boundaries each needs ([`PROVES`] | [`WB_BEFORE`] | [`WB_AFTER`]): the exact literals of
 /// top-level alternatives that contain no look-around except an ASCII `\b` at either end.
@@ -541,10 +551,7 @@ impl Scanner {
 pub(crate) fn exact_literals(pattern: &str) -> HashMap<Vec<u8>, u8> {
     use regex_syntax::hir::Look;
     let mut out = HashMap::new();
-    if pattern
-        .match_indices("(?")
-        .any(|(i, _)| !pattern[i + 2..].starts_with(':'))
-    {
+    if has_inline_flags(pattern) {
         return out;
     }
     let Ok(hir) = regex_syntax::ParserBuilder::new()
@@ -960,7 +967,10 @@ mod tests {
             ),
             ("junk|abc.*x|^start|a\\bb", &[("junk", PROVES)]),
             ("(?-i)abc", &[]),
-            (r"\(?abc", &[]),
+            // An escaped parenthesis made optional is no inline flag; an escaped backslash
+            // before one leaves the flag a flag.
+            (r"\(?abc", &[("(abc", PROVES), ("abc", PROVES)]),
+            (r"\\(?i)abc", &[]),
             (r"\d+ bytes", &[]),
         ];
         for (p, want) in cases {
