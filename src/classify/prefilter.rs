@@ -188,19 +188,19 @@ pub(crate) struct Scanner {
     /// Literals of 16 bytes or more, keyed by both words ([`sixteen_key`]): extracted
     /// literals often share their first eight bytes (`mailbox unavailable…`), and a key of
     /// eight bytes left a dozen of them to compare one by one.
-    sixteen: Table,
-    eight: Table,
-    four: Table,
-    three: Table,
+    sixteen: Table<512>,
+    eight: Table<256>,
+    four: Table<512>,
+    three: Table<64>,
     /// Lowercased literals.
     lits: Vec<Box<[u8]>>,
 }
 
 #[derive(Debug)]
-struct Table {
-    /// Bit filter over the key's hash.
-    filter: Vec<u64>,
-    filter_shift: u32,
+struct Table<const W: usize> {
+    /// Bit filter over the key's hash, `W` words (a power of two): its size is a
+    /// constant, so a lookup needs neither a bounds check nor a shift loaded from memory.
+    filter: Box<[u64; W]>,
     /// Power-of-two size, at most half full; slots without [`OCCUPIED`] are free.
     slots: Vec<Slot>,
     shift: u32,
@@ -297,10 +297,14 @@ fn mix(k: u64) -> u64 {
     k.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-impl Table {
+impl<const W: usize> Table<W> {
+    /// Hash bits that index the filter.
+    const FILTER_SHIFT: u32 = 64 - (W * 64).trailing_zeros();
+
     /// `keyed` literals grouped by key, and `marks`: flags for keys that may have no
     /// literal of their own (the four-byte prefixes of longer literals).
-    fn new(mut keyed: Vec<(u64, Entry)>, marks: &[(u64, u16)], filter_bits: u32) -> Table {
+    fn new(mut keyed: Vec<(u64, Entry)>, marks: &[(u64, u16)]) -> Self {
+        const { assert!(W.is_power_of_two()) };
         keyed.sort_unstable_by_key(|e| (e.0, e.1.id));
         let mut keys: Vec<(u64, u16)> = keyed.iter().map(|e| (e.0, 0)).collect();
         keys.extend_from_slice(marks);
@@ -324,8 +328,7 @@ impl Table {
             flags: 0,
         };
         let mut slots = vec![free; 1 << bits];
-        let mut filter = vec![0u64; (1usize << filter_bits) / 64];
-        let filter_shift = 64 - filter_bits;
+        let mut filter: Box<[u64; W]> = vec![0u64; W].into_boxed_slice().try_into().expect("sized");
         let mut ids = Vec::with_capacity(keyed.len());
         let mut i = 0;
         for &(k, flags) in &keys {
@@ -344,12 +347,11 @@ impl Table {
                 n: u16::try_from(ids.len() - lo as usize).expect("literals per key"),
                 flags: flags | OCCUPIED,
             };
-            let f = (mix(k).rotate_left(32) >> filter_shift) as usize;
+            let f = (mix(k).rotate_left(32) >> Self::FILTER_SHIFT) as usize;
             filter[f / 64] |= 1 << (f % 64);
         }
         Table {
             filter,
-            filter_shift,
             slots,
             shift,
             ids,
@@ -361,7 +363,7 @@ impl Table {
     #[inline(always)]
     fn get(&self, k: u64) -> (&[Entry], u16) {
         let m = mix(k);
-        let f = (m.rotate_left(32) >> self.filter_shift) as usize;
+        let f = (m.rotate_left(32) >> Self::FILTER_SHIFT) as usize;
         if self.filter[f / 64] & (1 << (f % 64)) == 0 {
             return (&[], 0);
         }
@@ -447,10 +449,10 @@ impl Scanner {
         }
         Scanner {
             head,
-            sixteen: Table::new(sixteen, &[], 15),
-            eight: Table::new(eight, &[], 14),
-            four: Table::new(four, &longer, 15),
-            three: Table::new(three, &[], 12),
+            sixteen: Table::new(sixteen, &[]),
+            eight: Table::new(eight, &[]),
+            four: Table::new(four, &longer),
+            three: Table::new(three, &[]),
             lits,
         }
     }
