@@ -341,6 +341,7 @@ fn after_lead(s: &str) -> Option<usize> {
         for (k, lead) in LEADS.iter().enumerate() {
             if found[k].is_none()
                 && end >= lead.len()
+                && b[colon - 1].eq_ignore_ascii_case(&lead[lead.len() - 2])
                 && b[end - lead.len()..end].eq_ignore_ascii_case(lead)
             {
                 found[k] = Some(end);
@@ -698,7 +699,15 @@ pub fn strip_continuations<'b>(
 }
 
 pub(crate) fn starts_with_ci(s: &str, prefix: &str) -> bool {
-    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    let (s, p) = (s.as_bytes(), prefix.as_bytes());
+    // Most tries fail at the first byte: decide those without the slice compare.
+    match (s.first(), p.first()) {
+        (_, None) => true,
+        (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) && s.len() >= p.len() => {
+            s[..p.len()].eq_ignore_ascii_case(p)
+        }
+        _ => false,
+    }
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -858,6 +867,22 @@ mod tests {
         ];
         for &(s, want) in cases {
             assert_eq!(stage_of(s), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn case_insensitive_prefix() {
+        for (s, prefix, want) in [
+            ("Host or domain", "host ", true),
+            ("HOST", "host", true),
+            ("hos", "host", false),
+            ("ghost", "host", false),
+            ("hast", "host", false),
+            ("", "", true),
+            ("x", "", true),
+            ("", "x", false),
+        ] {
+            assert_eq!(starts_with_ci(s, prefix), want, "{s:?} {prefix:?}");
         }
     }
 
