@@ -804,7 +804,7 @@ pub(crate) fn find_ci(hay: &str, needle: &Needle) -> Option<usize> {
                 memchr::memchr2(lo, up, window)?
             };
         let i = j - k;
-        if h[i..i + n.len()].eq_ignore_ascii_case(n) {
+        if h[i].eq_ignore_ascii_case(&n[0]) && h[i..i + n.len()].eq_ignore_ascii_case(n) {
             return Some(i);
         }
         from = j + 1;
@@ -830,7 +830,7 @@ fn rfind_ci(hay: &str, needle: &Needle) -> Option<usize> {
             memchr::memrchr2(lo, up, window)?
         };
         let i = j - k;
-        if h[i..i + n.len()].eq_ignore_ascii_case(n) {
+        if h[i].eq_ignore_ascii_case(&n[0]) && h[i..i + n.len()].eq_ignore_ascii_case(n) {
             return Some(i);
         }
         if j == k {
