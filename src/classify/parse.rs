@@ -508,7 +508,11 @@ fn leading_enhanced(s: &str) -> Option<(Enhanced, &str)> {
 /// Parses `550 5.1.1 `, `550-5.7.1 `, `#550 5.2.3 `, `550: 5.1.1 `, `550 #5.1.0 `,
 /// `550-'5.7.1 ` at the start of `s`; returns what was found and the rest.
 fn leading_codes(s: &str) -> (Option<u16>, Option<Enhanced>, &str) {
-    let t = s.strip_prefix('#').unwrap_or(s);
+    let t = if s.as_bytes().first() == Some(&b'#') {
+        &s[1..]
+    } else {
+        s
+    };
     let Some((code, mut rest)) = base_code(t) else {
         return (None, None, s);
     };
@@ -531,7 +535,11 @@ fn leading_codes(s: &str) -> (Option<u16>, Option<Enhanced>, &str) {
 /// `s` without its leading bytes from `set` (ASCII, so the cut is a character boundary).
 #[inline]
 fn skip_bytes(s: &str, skip: impl Fn(u8) -> bool) -> &str {
-    let n = s.bytes().take_while(|&b| skip(b)).count();
+    let b = s.as_bytes();
+    let mut n = 0;
+    while n < b.len() && skip(b[n]) {
+        n += 1;
+    }
     &s[n..]
 }
 

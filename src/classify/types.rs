@@ -160,12 +160,14 @@ impl Enhanced {
 
     /// The run of digits at the start of `b`, if it is one to three digits long.
     fn number(b: &[u8]) -> Option<(u16, usize)> {
-        let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
-        if n == 0 || n > 3 {
-            return None;
+        let mut v = 0u16;
+        let mut n = 0;
+        // A fourth digit already makes the run too long.
+        while n < 4 && n < b.len() && b[n].is_ascii_digit() {
+            v = v * 10 + (b[n] - b'0') as u16;
+            n += 1;
         }
-        let v = b[..n].iter().fold(0u16, |v, &c| v * 10 + (c - b'0') as u16);
-        Some((v, n))
+        (1..=3).contains(&n).then_some((v, n))
     }
 
     pub const fn is_permanent(self) -> bool {
