@@ -135,7 +135,7 @@ const SMALL_WORDS: usize = 8;
 /// one word, and a bit per entry for whether the occurrence is by itself a match. Bounded;
 /// on overflow every candidate is verified with a whole-text search instead.
 struct Hits {
-    at: [u32; 64],
+    at: [u32; 32],
     proven: u64,
     len: usize,
     overflow: bool,
@@ -144,7 +144,7 @@ struct Hits {
 impl Default for Hits {
     fn default() -> Self {
         Hits {
-            at: [0; 64],
+            at: [0; 32],
             proven: 0,
             len: 0,
             overflow: false,
