@@ -125,7 +125,7 @@ impl Default for Classifier {
     }
 }
 
-use prefilter::{CANDIDATE_WORDS, NO_BIT, TOKEN_KEY, UNLESS_KEY};
+use prefilter::{CANDIDATE_WORDS, NO_BIT, NO_KEY, TOKEN_KEY, UNLESS_KEY};
 
 /// Candidate-set words that fit most rule sets (512 rules and tokens): the set is cleared
 /// per reply, and the largest one is 544 bytes.
@@ -363,11 +363,13 @@ impl Classifier {
                     if l.bit != NO_BIT {
                         cand[l.bit as usize / 64] |= 1 << (l.bit % 64);
                     }
-                    hits.push(
-                        l.key,
-                        start,
-                        l.proof != 0 && proven(l.proof, bytes, start, end),
-                    );
+                    if l.key != NO_KEY {
+                        hits.push(
+                            l.key,
+                            start,
+                            l.proof != 0 && proven(l.proof, bytes, start, end),
+                        );
+                    }
                 }
             });
         }

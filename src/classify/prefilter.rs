@@ -50,6 +50,9 @@ pub(crate) const UNLESS_KEY: u16 = 0x4000;
 const _: () = assert!(MAX_RULES <= UNLESS_KEY as usize);
 /// [`Light::bit`] of an `unless` pattern: it makes nothing a candidate.
 pub(crate) const NO_BIT: u16 = u16::MAX;
+/// [`Light::key`] of an occurrence that needs no place in the hit list.
+pub(crate) const NO_KEY: u16 = u16::MAX;
+const _: () = assert!(NO_KEY != TOKEN_KEY | (MAX_TOKENS as u16 - 1));
 /// Words of the largest candidate set: rules first, then tokens from the word after the
 /// last rule's ([`Prefilter::token_word`]).
 pub(crate) const CANDIDATE_WORDS: usize = (MAX_RULES + MAX_TOKENS) / 64;
@@ -58,8 +61,8 @@ pub(crate) const CANDIDATE_WORDS: usize = (MAX_RULES + MAX_TOKENS) / 64;
 /// work is a bit set and a push.
 #[derive(Copy, Clone, Debug)]
 pub(crate) struct Light {
-    /// The target's key in the hit list: a rule index, `TOKEN_KEY | token`, or
-    /// `UNLESS_KEY | rule`.
+    /// The target's key in the hit list: a rule index, `TOKEN_KEY | token`,
+    /// `UNLESS_KEY | rule`, or [`NO_KEY`].
     pub key: u16,
     /// The target's bit in the candidate set (tokens from [`Prefilter::token_word`]), or
     /// [`NO_BIT`].
@@ -156,10 +159,21 @@ pub(crate) fn build(
     for lit in &order {
         let t = &by_literal[lit];
         spans.push((lights.len() as u32, (lights.len() + t.len()) as u32));
-        lights.extend(
-            t.iter()
-                .map(|&(target, proof)| target.light(proof, token_word)),
-        );
+        lights.extend(t.iter().map(|&(target, proof)| {
+            let mut l = target.light(proof, token_word);
+            // Where an unproven occurrence of an unanchored pattern is does not matter: its
+            // verification searches the whole text. Only `unless` patterns ask whether one
+            // occurred at all.
+            let anchored = match target {
+                Target::Rule(r) => rule_anchored[r as usize],
+                Target::Token(t) => token_anchored[t as usize],
+                Target::Unless(_) => true,
+            };
+            if proof == 0 && !anchored {
+                l.key = NO_KEY;
+            }
+            l
+        }));
     }
     let scanner = Scanner::new(&order);
     Prefilter {
