@@ -134,22 +134,12 @@ const SMALL_WORDS: usize = 8;
 /// Where the prefilter's literals occurred: (rule or token key, start offset), packed in
 /// one word, and a bit per entry for whether the occurrence is by itself a match. Bounded;
 /// on overflow every candidate is verified with a whole-text search instead.
+#[derive(Default)]
 struct Hits {
     at: [u32; 32],
-    proven: u64,
+    proven: u32,
     len: usize,
     overflow: bool,
-}
-
-impl Default for Hits {
-    fn default() -> Self {
-        Hits {
-            at: [0; 32],
-            proven: 0,
-            len: 0,
-            overflow: false,
-        }
-    }
 }
 
 impl Hits {
@@ -157,7 +147,7 @@ impl Hits {
     fn push(&mut self, key: u16, start: usize, proven: bool) {
         if self.len < self.at.len() && start <= u16::MAX as usize {
             self.at[self.len] = (key as u32) << 16 | start as u32;
-            self.proven |= (proven as u64) << self.len;
+            self.proven |= (proven as u32) << self.len;
             self.len += 1;
         } else {
             self.overflow = true;
