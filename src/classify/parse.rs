@@ -339,10 +339,7 @@ fn after_lead(s: &str) -> Option<usize> {
     for colon in memchr::memchr_iter(b':', b) {
         let end = colon + 1;
         for (k, lead) in LEADS.iter().enumerate() {
-            if found[k].is_none()
-                && end >= lead.len()
-                && b[colon - 1].eq_ignore_ascii_case(&lead[lead.len() - 2])
-                && b[end - lead.len()..end].eq_ignore_ascii_case(lead)
+            if found[k].is_none() && end >= lead.len() && starts_ci(&b[end - lead.len()..end], lead)
             {
                 found[k] = Some(end);
             }
@@ -443,10 +440,8 @@ const COMMANDS: [(&[u8], SmtpStage); 8] = [
 fn leading_command(s: &str) -> Option<SmtpStage> {
     let s = strip_prefix_ci(s, "(in reply to ").unwrap_or(s).as_bytes();
     COMMANDS.iter().find_map(|&(cmd, stage)| {
-        (s.len() >= cmd.len()
-            && s[..cmd.len()].eq_ignore_ascii_case(cmd)
-            && !s.get(cmd.len()).is_some_and(|b| b.is_ascii_alphabetic()))
-        .then_some(stage)
+        (starts_ci(s, cmd) && !s.get(cmd.len()).is_some_and(|b| b.is_ascii_alphabetic()))
+            .then_some(stage)
     })
 }
 
@@ -673,12 +668,10 @@ pub fn strip_continuations<'b>(
                 if b.len() >= j + 4 && b[j..j + 3] == cb && matches!(b[j + 3], b' ' | b'-') {
                     let mut k = j + 4;
                     if let Some(e) = enhanced {
-                        let r = &text[k..];
-                        let end = r
-                            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                            .unwrap_or(r.len());
-                        if Enhanced::parse(&r[..end]) == Some(e) {
-                            k += end;
+                        if let Some((found, n)) = Enhanced::parse_prefix(&b[k..]) {
+                            if found == e {
+                                k += n;
+                            }
                         }
                     }
                     while k < b.len() && b[k] == b' ' {
@@ -707,7 +700,12 @@ pub fn strip_continuations<'b>(
 }
 
 pub(crate) fn starts_with_ci(s: &str, prefix: &str) -> bool {
-    let (s, p) = (s.as_bytes(), prefix.as_bytes());
+    starts_ci(s.as_bytes(), prefix.as_bytes())
+}
+
+/// Whether `s` starts with `p`, ASCII case-insensitively.
+#[inline]
+fn starts_ci(s: &[u8], p: &[u8]) -> bool {
     // Most tries fail at the first byte: decide those without the slice compare.
     match (s.first(), p.first()) {
         (_, None) => true,
@@ -812,7 +810,7 @@ pub(crate) fn find_ci(hay: &str, needle: &Needle) -> Option<usize> {
                 memchr::memchr2(lo, up, window)?
             };
         let i = j - k;
-        if h[i].eq_ignore_ascii_case(&n[0]) && h[i..i + n.len()].eq_ignore_ascii_case(n) {
+        if starts_ci(&h[i..], n) {
             return Some(i);
         }
         from = j + 1;
@@ -838,7 +836,7 @@ fn rfind_ci(hay: &str, needle: &Needle) -> Option<usize> {
             memchr::memrchr2(lo, up, window)?
         };
         let i = j - k;
-        if h[i].eq_ignore_ascii_case(&n[0]) && h[i..i + n.len()].eq_ignore_ascii_case(n) {
+        if starts_ci(&h[i..], n) {
             return Some(i);
         }
         if j == k {

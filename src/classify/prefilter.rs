@@ -306,6 +306,14 @@ fn sixteen_key(first: u64, second: u64) -> u64 {
     first.rotate_left(29).wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ second
 }
 
+/// A zeroed bit filter of `W` words, on the heap (a filter is kilobytes).
+fn zeroed_words<const W: usize>() -> Box<[u64; W]> {
+    vec![0u64; W]
+        .into_boxed_slice()
+        .try_into()
+        .expect("W words")
+}
+
 #[inline(always)]
 fn mix(k: u64) -> u64 {
     k.wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -342,7 +350,7 @@ impl<const W: usize> Table<W> {
             flags: 0,
         };
         let mut slots = vec![free; 1 << bits];
-        let mut filter: Box<[u64; W]> = vec![0u64; W].into_boxed_slice().try_into().expect("sized");
+        let mut filter = zeroed_words::<W>();
         let mut ids = Vec::with_capacity(keyed.len());
         let mut i = 0;
         for &(k, flags) in &keys {
@@ -444,10 +452,7 @@ impl Scanner {
                 }
             }
         }
-        let mut head: Box<[u64; HEAD_WORDS]> = vec![0u64; HEAD_WORDS]
-            .into_boxed_slice()
-            .try_into()
-            .expect("sized");
+        let mut head = zeroed_words::<HEAD_WORDS>();
         for l in lits.iter().filter(|l| l.len() >= 3) {
             // A three-byte literal may be followed by anything, or by the end of the text
             // (which the scan reads as a zero byte).
