@@ -393,6 +393,13 @@ impl Classifier {
             by_domain = self.provider_for_domain(d);
         }
         let mut by_token = (ProviderId::NONE, 0u16);
+        // Tokens are the weakest evidence: with a provider from the MX host or the
+        // recipient's domain they decide nothing, and their regexes need not run.
+        let tokens = if by_host.is_none() && by_domain.is_none() {
+            tokens
+        } else {
+            &[]
+        };
         'tokens: for (w, &word) in tokens.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
