@@ -494,16 +494,18 @@ impl Scanner {
         // Offsets `from..` of a chunk start literals; the scan reads the byte three after.
         for from in (0..n - 3).step_by(CHUNK) {
             let end = (from + CHUNK).min(n - 3);
-            // Bit `i` for offset `from + i`.
+            // Shifted in one offset at a time (one add-with-carry after the bit test): bit
+            // `j` stands for offset `end - 1 - j`.
             let mut passed = 0u64;
-            for (i, &b) in text[from + 3..end + 3].iter().enumerate() {
+            for &b in &text[from + 3..end + 3] {
                 roll = roll << HEAD_BITS | (b & BYTE_MASK) as u64;
                 let k = roll as usize & KEY_MASK;
-                passed |= (self.head[k / 64] >> (k % 64) & 1) << i;
+                passed = passed << 1 | (self.head[k / 64] >> (k % 64) & 1);
             }
+            let last = (end - from - 1) as u8;
             let mut q = 0;
             while passed != 0 {
-                let i = passed.trailing_zeros() as u8;
+                let i = last - passed.trailing_zeros() as u8;
                 passed &= passed - 1;
                 let window = Self::window(&text[from + i as usize..]);
                 let tables = self.tables(window);
