@@ -463,12 +463,6 @@ impl Scanner {
         }
     }
 
-    /// Length of literal `id` in bytes.
-    #[cfg(test)]
-    pub fn literal_len(&self, id: usize) -> usize {
-        self.lits[id].len()
-    }
-
     /// Calls `f(literal id, start, end)` for every occurrence of every literal.
     ///
     /// Which offsets hold a literal depends on the text alone, so a branch per offset or
@@ -917,6 +911,28 @@ mod tests {
         }
     }
 
+    /// Asserts that the scanner reports exactly the occurrences a byte-by-byte search finds
+    /// (every literal at every offset, ASCII case-insensitively); returns how many.
+    fn scan_as_brute_force(sc: &Scanner, lits: &[Vec<u8>], text: &[u8]) -> usize {
+        let mut got = Vec::new();
+        sc.for_each(text, |id, start, end| {
+            assert_eq!(end - start, lits[id].len());
+            got.push((id, start))
+        });
+        got.sort();
+        let mut want = Vec::new();
+        for (id, l) in lits.iter().enumerate() {
+            for start in 0..text.len() {
+                let t = &text[start..];
+                if t.len() >= l.len() && t[..l.len()].eq_ignore_ascii_case(l) {
+                    want.push((id, start));
+                }
+            }
+        }
+        assert_eq!(got, want, "{:?}", String::from_utf8_lossy(text));
+        got.len()
+    }
+
     #[test]
     fn scanner_finds_every_occurrence() {
         let lits: Vec<Vec<u8>> = [
@@ -971,25 +987,7 @@ mod tests {
         .into_iter()
         .chain(long.iter().map(String::as_str))
         {
-            let mut got = Vec::new();
-            sc.for_each(text.as_bytes(), |id, start, end| {
-                assert_eq!(end - start, sc.literal_len(id));
-                got.push((id, start))
-            });
-            got.sort();
-            // Brute force: every literal at every offset, ASCII case-insensitively.
-            let mut want = Vec::new();
-            for (id, l) in lits.iter().enumerate() {
-                for start in 0..text.len() {
-                    let t = &text.as_bytes()[start..];
-                    if t.len() >= l.len() && t[..l.len()].eq_ignore_ascii_case(l) {
-                        want.push((id, start));
-                    }
-                }
-            }
-            want.sort();
-            assert_eq!(got, want, "{text}");
-            total += got.len();
+            total += scan_as_brute_force(&sc, &lits, text.as_bytes());
         }
         assert!(total >= 30, "{total}");
         let mut none = 0;
@@ -1050,23 +1048,7 @@ mod tests {
                     }
                 }
                 text.truncate(len);
-                let mut got = Vec::new();
-                sc.for_each(&text, |id, start, end| {
-                    assert_eq!(end - start, lits[id].len());
-                    got.push((start, id));
-                });
-                got.sort();
-                let mut want = Vec::new();
-                for start in 0..text.len() {
-                    for (id, l) in lits.iter().enumerate() {
-                        let t = &text[start..];
-                        if t.len() >= l.len() && t[..l.len()].eq_ignore_ascii_case(l) {
-                            want.push((start, id));
-                        }
-                    }
-                }
-                assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&text));
-                found += got.len();
+                found += scan_as_brute_force(&sc, &lits, &text);
             }
         }
         assert!(found > 1000, "{found}");
