@@ -909,6 +909,11 @@ mod tests {
         }
     }
 
+    /// Literals as the scanner takes them.
+    fn bytes(lits: &[&str]) -> Vec<Vec<u8>> {
+        lits.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
     /// Asserts that the scanner reports exactly the occurrences a byte-by-byte search finds
     /// (every literal at every offset, ASCII case-insensitively); returns how many.
     fn scan_as_brute_force(sc: &Scanner, lits: &[Vec<u8>], text: &[u8]) -> usize {
@@ -933,7 +938,7 @@ mod tests {
 
     #[test]
     fn scanner_finds_every_occurrence() {
-        let lits: Vec<Vec<u8>> = [
+        let lits = bytes(&[
             "user unknown",
             "unknown",
             "USER",
@@ -952,10 +957,7 @@ mod tests {
             "users",
             "userx1",
             "user ok",
-        ]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect();
+        ]);
         let sc = Scanner::new(&lits);
         let mut total = 0;
         // Literals across the scanner's chunk boundaries (every 64 offsets) and at the end.
@@ -999,7 +1001,7 @@ mod tests {
     /// whatever chunk boundary or text end a literal meets.
     #[test]
     fn scanner_agrees_with_brute_force_on_random_texts() {
-        let lits: Vec<Vec<u8>> = [
+        let lits = bytes(&[
             "abc",
             "spf",
             "user",
@@ -1011,10 +1013,7 @@ mod tests {
             "blocked",
             "550 5.7.1",
             "x.7.28",
-        ]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect();
+        ]);
         let sc = Scanner::new(&lits);
         // A fixed xorshift sequence: the same texts on every run.
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
