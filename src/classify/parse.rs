@@ -93,8 +93,8 @@ pub fn parse(input: &str) -> Parsed<'_> {
         p.form = outer(p.form, Form::Diagnostic);
         s = rest.trim_ascii_start();
         // `smtp; 550 …`, `X-Postfix; …`: the type is one token before the semicolon.
-        if let Some(semi) = s.find(';') {
-            if semi > 0 && semi < 16 && !s[..semi].contains(' ') {
+        if let Some(semi) = find_byte(s, b';') {
+            if semi > 0 && semi < 16 && find_byte(&s[..semi], b' ').is_none() {
                 s = s[semi + 1..].trim_ascii_start();
             }
         }
@@ -162,28 +162,30 @@ fn postfix_log<'a>(s: &'a str, p: &mut Parsed<'a>) -> Option<&'a str> {
     }
     let head = &s[..at];
     let after = &s[at + "status=".len()..];
-    let open = after.find('(')?;
-    let close = after.rfind(')')?;
+    let open = find_byte(after, b'(')?;
+    let close = rfind_byte(after, b')')?;
     if close <= open {
         return None;
     }
     p.form = Form::PostfixLog;
-    if let Some(i) = head.find("to=<") {
+    if let Some(i) = find_ci(head, ci!("to=<")) {
         let r = &head[i + 4..];
-        p.recipient = r.find('>').map(|j| &r[..j]).filter(|r| !r.is_empty());
+        p.recipient = find_byte(r, b'>')
+            .map(|j| &r[..j])
+            .filter(|r| !r.is_empty());
     }
-    if let Some(i) = head.find("relay=") {
+    if let Some(i) = find_ci(head, ci!("relay=")) {
         let r = &head[i + 6..];
-        let r = &r[..r.find(',').unwrap_or(r.len())];
+        let r = &r[..find_byte(r, b',').unwrap_or(r.len())];
         if r != "none" {
             let (host, ip) = host_ip(r);
             p.mx_host = host;
             p.mx_ip = ip;
         }
     }
-    if let Some(i) = head.find("dsn=") {
+    if let Some(i) = find_ci(head, ci!("dsn=")) {
         let r = &head[i + 4..];
-        p.status = Enhanced::parse(&r[..r.find(',').unwrap_or(r.len())]);
+        p.status = Enhanced::parse(&r[..find_byte(r, b',').unwrap_or(r.len())]);
     }
     Some(&after[open + 1..close])
 }
@@ -191,17 +193,20 @@ fn postfix_log<'a>(s: &'a str, p: &mut Parsed<'a>) -> Option<&'a str> {
 /// `name[ip]` or `name[ip]:port` or `name` → (name, ip).
 fn host_ip(s: &str) -> (Option<&str>, Option<&str>) {
     let s = s.trim_ascii();
-    match s.find('[') {
+    match find_byte(s, b'[') {
         Some(i) => {
             let host = s[..i].trim_ascii();
             let rest = &s[i + 1..];
-            let ip = rest.find(']').map(|j| &rest[..j]);
+            let ip = find_byte(rest, b']').map(|j| &rest[..j]);
             (
                 Some(host).filter(|h| !h.is_empty()),
                 ip.filter(|i| !i.is_empty()),
             )
         }
-        None => (Some(s).filter(|h| !h.is_empty() && !h.contains(' ')), None),
+        None => (
+            Some(s).filter(|h| !h.is_empty() && find_byte(h, b' ').is_none()),
+            None,
+        ),
     }
 }
 
@@ -224,7 +229,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
         }
     }
     if let Some(rest) = strip_prefix_ci(s, "connect to ") {
-        if let Some(i) = rest.find(": ") {
+        if let Some(i) = find_ci(rest, ci!(": ")) {
             set_host(p, strip_port(&rest[..i]));
         }
         p.stage = Some(SmtpStage::Connect);
@@ -233,7 +238,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     }
     for lead in ["conversation with ", "lost connection with "] {
         if let Some(rest) = strip_prefix_ci(s, lead) {
-            let end = rest.find(' ').unwrap_or(rest.len());
+            let end = find_byte(rest, b' ').unwrap_or(rest.len());
             set_host(p, &rest[..end]);
             p.stage = find_ci(rest, ci!(" while ")).and_then(|i| stage_of(&rest[i..]));
             p.form = outer(p.form, Form::ConnectionFailure);
@@ -251,7 +256,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     // Exchange NDR: `Remote Server returned '550 5.1.1 …'` (older: `'<host #5.0.0 smtp;550 …>'`).
     if let Some(i) = find_ci(s, ci!("Remote Server returned '")) {
         let inner = &s[i + "Remote Server returned '".len()..];
-        let inner = &inner[..inner.rfind('\'').unwrap_or(inner.len())];
+        let inner = &inner[..rfind_byte(inner, b'\'').unwrap_or(inner.len())];
         p.form = outer(p.form, Form::ExchangeNdr);
         let inner = match (inner.starts_with('<'), find_ci(inner, ci!("smtp;"))) {
             (true, Some(j)) => inner[j + 5..].trim_end_matches('>'),
@@ -263,7 +268,9 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     if let Some(i) = find_ci(s, ci!("SMTP error from remote mail")) {
         if let Some(h) = find_ci(&s[..i], ci!("host ")) {
             let before = s[h + 5..i].trim_ascii();
-            let end = before.find("] ").map(|e| e + 1).unwrap_or(before.len());
+            let end = find_ci(before, ci!("] "))
+                .map(|e| e + 1)
+                .unwrap_or(before.len());
             set_host_spaced(p, &before[..end]);
         }
         let rest = &s[i..];
@@ -279,7 +286,7 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
             if let Some(c) = colon {
                 s = cmd_and_reply[c + 1..].trim_ascii_start();
                 if let Some(r) = strip_prefix_ci(s, "host ") {
-                    if let Some(j) = r.find("]: ") {
+                    if let Some(j) = find_ci(r, ci!("]: ")) {
                         set_host_spaced(p, &r[..j + 1]);
                         s = &r[j + 3..];
                     }
@@ -307,9 +314,13 @@ fn unwrap<'a>(mut s: &'a str, p: &mut Parsed<'a>) -> &'a str {
     }
     // `NAME [IP] did not like our RCPT TO:550 …`.
     if let Some(i) = find_ci(s, ci!(" did not like our ")) {
-        set_host_spaced(p, s[..i].rsplit(": ").next().unwrap_or(""));
+        let head = &s[..i];
+        set_host_spaced(
+            p,
+            rfind_ci(head, ci!(": ")).map_or(head, |j| &head[j + 2..]),
+        );
         let rest = &s[i + " did not like our ".len()..];
-        let colon = rest.find(':').unwrap_or(rest.len());
+        let colon = find_byte(rest, b':').unwrap_or(rest.len());
         p.stage = stage_of(&rest[..colon]);
         p.form = outer(p.form, Form::Wrapped);
         return rest.get(colon + 1..).unwrap_or("").trim_ascii_start();
@@ -365,11 +376,11 @@ fn set_host<'a>(p: &mut Parsed<'a>, s: &'a str) {
 /// `name [ip]` (Exim, with a space) into the context.
 fn set_host_spaced<'a>(p: &mut Parsed<'a>, s: &'a str) {
     let s = s.trim_ascii();
-    match s.find(" [") {
+    match find_ci(s, ci!(" [")) {
         Some(i) => {
             let ip = &s[i + 2..];
-            let ip = &ip[..ip.find(']').unwrap_or(ip.len())];
-            if p.mx_host.is_none() && !s[..i].contains(' ') {
+            let ip = &ip[..find_byte(ip, b']').unwrap_or(ip.len())];
+            if p.mx_host.is_none() && find_byte(&s[..i], b' ').is_none() {
                 p.mx_host = Some(&s[..i]).filter(|h| !h.is_empty());
             }
             if p.mx_ip.is_none() {
@@ -381,7 +392,7 @@ fn set_host_spaced<'a>(p: &mut Parsed<'a>, s: &'a str) {
 }
 
 fn strip_port(s: &str) -> &str {
-    match s.rfind("]:") {
+    match rfind_ci(s, ci!("]:")) {
         Some(i) => &s[..i + 1],
         None => s,
     }
@@ -401,9 +412,9 @@ fn colon_space_not_addr(s: &str) -> Option<usize> {
 }
 
 fn angle(s: &str) -> Option<&str> {
-    let i = s.find('<')?;
+    let i = find_byte(s, b'<')?;
     let r = &s[i + 1..];
-    let j = r.find('>')?;
+    let j = find_byte(r, b'>')?;
     Some(&r[..j]).filter(|a| !a.is_empty())
 }
 
@@ -601,7 +612,7 @@ fn qmail_status(s: &str) -> Option<Enhanced> {
         from = j + 1;
     };
     let r = &s[i + 2..];
-    let j = r.find(')')?;
+    let j = find_byte(r, b')')?;
     Enhanced::parse(&r[..j])
 }
 
@@ -697,6 +708,19 @@ pub fn strip_continuations<'b>(
         end -= 1;
     }
     std::str::from_utf8(&buf[..end]).unwrap_or("")
+}
+
+/// The first `b` in `s`. `str::find` with a `char` or `&str` pattern pays for a general
+/// searcher on every call; these texts are short and the patterns one ASCII byte.
+#[inline]
+fn find_byte(s: &str, b: u8) -> Option<usize> {
+    memchr::memchr(b, s.as_bytes())
+}
+
+/// The last `b` in `s`.
+#[inline]
+fn rfind_byte(s: &str, b: u8) -> Option<usize> {
+    memchr::memrchr(b, s.as_bytes())
 }
 
 pub(crate) fn starts_with_ci(s: &str, prefix: &str) -> bool {
