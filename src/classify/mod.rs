@@ -127,6 +127,10 @@ impl Default for Classifier {
 
 use prefilter::{CANDIDATE_WORDS, NO_BIT, NO_KEY, TOKEN_KEY, UNLESS_KEY};
 
+/// Stack copy for stripping continuations from texts up to this length (most multi-line
+/// replies); longer ones get a copy of [`parse::MAX_REPLY_LEN`].
+const SHORT_COPY: usize = 512;
+
 /// Candidate-set words that fit most rule sets (512 rules and tokens): the set is cleared
 /// per reply, and the largest one is 544 bytes.
 const SMALL_WORDS: usize = 8;
@@ -254,10 +258,17 @@ impl Classifier {
     pub fn classify(&self, reply: &str, hints: Hints<'_>) -> Verdict {
         let parsed = parse(reply);
         if parse::needs_strip(parsed.text, parsed.code) {
-            // Only multi-line replies pay for the copy (on the stack, bounded).
-            let mut buf = [0u8; parse::MAX_REPLY_LEN];
-            let text =
-                parse::strip_continuations(parsed.text, parsed.code, parsed.enhanced, &mut buf);
+            // Only multi-line replies pay for the copy, on the stack. It is never longer than
+            // the text: most need only a small buffer zeroed.
+            let mut short = [0u8; SHORT_COPY];
+            let mut long;
+            let buf: &mut [u8] = if parsed.text.len() <= SHORT_COPY {
+                &mut short
+            } else {
+                long = [0u8; parse::MAX_REPLY_LEN];
+                &mut long
+            };
+            let text = parse::strip_continuations(parsed.text, parsed.code, parsed.enhanced, buf);
             self.decide(&parsed, text, hints, |_| {}).verdict
         } else {
             self.decide(&parsed, parsed.text, hints, |_| {}).verdict
