@@ -11,9 +11,11 @@
 //! - [`parse`](mod@parse): reply forms → codes, text, context ([`Parsed`]).
 //! - [`rules`]: rule files → compiled rules and providers, with load errors.
 //! - `prefilter`: literal extraction and the automaton.
+//! - `conditions`: the rules' code, stage and scope conditions as masks.
 //! - [`cli`]: `mxpace classify`.
 
 pub mod cli;
+mod conditions;
 mod hosts;
 pub mod parse;
 mod prefilter;
@@ -99,7 +101,9 @@ pub struct Explanation<'a> {
     pub advice: String,
     pub provider: String,
     pub provider_source: String,
-    /// Candidate rules tried, in priority order, up to and including the deciding one.
+    /// Candidate rules tried (a literal of theirs occurred, or they have none, and their
+    /// code, stage and scope conditions hold), in priority order, up to and including the
+    /// deciding one.
     pub candidates: Vec<String>,
 }
 
@@ -374,7 +378,7 @@ impl Classifier {
                 }
             });
         }
-        let (rules, tokens) = cand[..pf.always.len()].split_at(pf.token_word);
+        let (rules, tokens) = cand[..pf.always.len()].split_at_mut(pf.token_word);
 
         // Provider: the MX host is the strongest evidence, then the recipient's domain,
         // then tokens in the text.
@@ -406,7 +410,7 @@ impl Classifier {
         let mut by_token = (ProviderId::NONE, 0u16);
         // Tokens are the weakest evidence: with a provider from the MX host or the
         // recipient's domain they decide nothing, and their regexes need not run.
-        let tokens = if by_host.is_none() && by_domain.is_none() {
+        let tokens: &[u64] = if by_host.is_none() && by_domain.is_none() {
             tokens
         } else {
             &[]
@@ -430,7 +434,10 @@ impl Classifier {
             detected = by_domain.or(by_token.0);
         }
 
-        // First rule in priority order whose conditions hold.
+        // First rule in priority order whose conditions hold: those whose code, stage or
+        // scope conditions fail leave the set first.
+        c.conditions
+            .restrict::<W>(rules, parsed.code, enhanced, parsed.stage, detected);
         let mut chosen: Option<usize> = None;
         'rules: for (w, &word) in rules.iter().enumerate() {
             let mut bits = word;
@@ -439,9 +446,7 @@ impl Classifier {
                 bits &= bits - 1;
                 let rule = &c.rules[r];
                 seen(r);
-                if !rule.conditions_hold(parsed.code, enhanced, parsed.stage, detected) {
-                    continue;
-                }
+                debug_assert!(rule.conditions_hold(parsed.code, enhanced, parsed.stage, detected));
                 if let Some(re) = &rule.text {
                     if !hits.verify(re, pf.rule_anchored[r], r as u16, text) {
                         continue;

@@ -4,6 +4,7 @@
 //! id and what is wrong, and nothing half-valid is ever returned. The format is documented
 //! field by field in `config/rules/README.md`.
 
+use super::conditions::Conditions;
 use super::hosts::HostIndex;
 use super::prefilter::{self, Prefilter, Target};
 use super::types::{Blamed, Class, Enhanced, SmtpStage};
@@ -158,8 +159,8 @@ fn yes() -> bool {
 /// A numeric range from a pattern component: `550`, `5xx`, `6xx`, `x`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Range {
-    lo: u16,
-    hi: u16,
+    pub lo: u16,
+    pub hi: u16,
 }
 
 impl Range {
@@ -187,7 +188,7 @@ impl Range {
         })
     }
 
-    fn contains(self, v: u16) -> bool {
+    pub fn contains(self, v: u16) -> bool {
         self.lo <= v && v <= self.hi
     }
 }
@@ -195,9 +196,9 @@ impl Range {
 /// `5.7.x`, `x.7.28`, `4.7.5xx`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) struct EnhancedPattern {
-    class: Range,
-    subject: Range,
-    detail: Range,
+    pub class: Range,
+    pub subject: Range,
+    pub detail: Range,
 }
 
 impl EnhancedPattern {
@@ -245,7 +246,8 @@ pub(crate) struct Rule {
 }
 
 impl Rule {
-    /// Every condition except the regexes (cheap checks first).
+    /// Every condition except the regexes. The hot path uses the same conditions as masks
+    /// ([`Conditions`]); this is their definition, which the masks are checked against.
     #[inline]
     pub fn conditions_hold(
         &self,
@@ -279,8 +281,11 @@ impl Rule {
     }
 }
 
+const _: () = assert!(SmtpStage::ALL.len() <= 16);
+
+/// A stage's bit in [`Rule::stages`] (its declaration index).
 pub(crate) fn stage_bit(s: SmtpStage) -> u16 {
-    1 << SmtpStage::ALL.iter().position(|x| *x == s).unwrap_or(15)
+    1 << s as u16
 }
 
 /// A host / domain pattern: exact, `*.suffix`, or with `*` anywhere
@@ -373,6 +378,8 @@ pub(crate) struct Compiled {
     pub providers: Vec<Provider>,
     pub tokens: Vec<Token>,
     pub prefilter: Prefilter,
+    /// The rules' code, stage and scope conditions as masks.
+    pub conditions: Conditions,
     /// Providers' MX host patterns and recipient domain patterns, for one-walk lookups.
     pub mx_index: HostIndex,
     pub domain_index: HostIndex,
@@ -669,11 +676,13 @@ pub(crate) fn compile(sources: &[(&str, &str)]) -> Result<Compiled, RulesError> 
     let mx_index = HostIndex::new(patterns(|p| &p.mx));
     let domain_index = HostIndex::new(patterns(|p| &p.domains));
 
+    let conditions = Conditions::new(&rules, providers.len());
     Ok(Compiled {
         rules,
         providers,
         tokens,
         prefilter,
+        conditions,
         mx_index,
         domain_index,
     })
