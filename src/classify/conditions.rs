@@ -4,12 +4,12 @@
 //! rules of the generic layer, above all) fail a condition, and a test per candidate is a
 //! branch the processor cannot predict, since which rules fail depends on the reply.
 
-use super::rules::{stage_bit, Range, Rule};
+use super::rules::{stage_bit, EnhancedPattern, Range, Rule};
 use super::{Enhanced, ProviderId, SmtpStage};
 
 /// Values of one numeric field cut into intervals on which every range of the rules
 /// either holds throughout or nowhere: one mask per interval.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Intervals {
     /// Interval `i` is `starts[i - 1]..starts[i]` (interval 0 starts at 0).
     starts: Vec<u16>,
@@ -46,8 +46,21 @@ impl Intervals {
     }
 }
 
+/// `n` rows of `words` words: bit `k` of row `i` is set when `holds(i, &items[k])`.
+fn rows<T>(n: usize, items: &[T], words: usize, holds: &dyn Fn(usize, &T) -> bool) -> Vec<u64> {
+    let mut out = vec![0u64; n * words];
+    for i in 0..n {
+        for (k, item) in items.iter().enumerate() {
+            if holds(i, item) {
+                out[i * words + k / 64] |= 1 << (k % 64);
+            }
+        }
+    }
+    out
+}
+
 /// Masks over the rules (rule `r` is bit `r % 64` of word `r / 64`), `words` words each.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Conditions {
     words: usize,
     /// Per provider id: the rules without a scope or scoped to that provider.
@@ -79,18 +92,7 @@ pub(crate) struct Conditions {
 impl Conditions {
     pub(crate) fn new(rules: &[Rule], providers: usize) -> Conditions {
         let words = rules.len().div_ceil(64);
-        let set = |mask: &mut [u64], r: usize| mask[r / 64] |= 1 << (r % 64);
-        let masks = |n: usize, holds: &dyn Fn(usize, &Rule) -> bool| {
-            let mut out = vec![0u64; n * words];
-            for i in 0..n {
-                for (r, rule) in rules.iter().enumerate() {
-                    if holds(i, rule) {
-                        set(&mut out[i * words..(i + 1) * words], r);
-                    }
-                }
-            }
-            out
-        };
+        let masks = |n: usize, holds: &dyn Fn(usize, &Rule) -> bool| rows(n, rules, words, holds);
 
         let scope = masks(providers, &|p, rule| {
             rule.scope.is_none() || rule.scope == ProviderId(p as u16)
@@ -112,16 +114,10 @@ impl Conditions {
         let class = Intervals::new(patterns.iter().map(|p| &p.class));
         let subject = Intervals::new(patterns.iter().map(|p| &p.subject));
         let detail = Intervals::new(patterns.iter().map(|p| &p.detail));
-        let component = |iv: &Intervals, range: fn(&super::rules::EnhancedPattern) -> Range| {
-            let mut out = vec![0u64; iv.len() * pattern_words];
-            for i in 0..iv.len() {
-                for (k, p) in patterns.iter().enumerate() {
-                    if range(p).contains(iv.sample(i)) {
-                        set(&mut out[i * pattern_words..(i + 1) * pattern_words], k);
-                    }
-                }
-            }
-            out
+        let component = |iv: &Intervals, range: fn(&EnhancedPattern) -> Range| {
+            rows(iv.len(), &patterns, pattern_words, &|i, p| {
+                range(p).contains(iv.sample(i))
+            })
         };
         let by_class = component(&class, |p| p.class);
         let by_subject = component(&subject, |p| p.subject);

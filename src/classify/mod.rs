@@ -272,7 +272,7 @@ impl Classifier {
                 long = [0u8; parse::MAX_REPLY_LEN];
                 &mut long
             };
-            let text = parse::strip_continuations(parsed.text, parsed.code, parsed.enhanced, buf);
+            let text = parse::rewrite_continuations(parsed.text, parsed.code, parsed.enhanced, buf);
             self.decide(&parsed, text, hints, |_| {}).verdict
         } else {
             self.decide(&parsed, parsed.text, hints, |_| {}).verdict

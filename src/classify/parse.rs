@@ -658,11 +658,23 @@ pub fn strip_continuations<'b>(
     enhanced: Option<Enhanced>,
     buf: &'b mut [u8],
 ) -> &'b str {
+    if needs_strip(text, code) {
+        rewrite_continuations(text, code, enhanced, buf)
+    } else {
+        text
+    }
+}
+
+/// [`strip_continuations`] of a text [`needs_strip`] has already said yes to (the hot path
+/// asks first, to know whether it needs a buffer at all).
+pub(crate) fn rewrite_continuations<'b>(
+    text: &str,
+    code: Option<u16>,
+    enhanced: Option<Enhanced>,
+    buf: &'b mut [u8],
+) -> &'b str {
     let b = text.as_bytes();
     let code_bytes = code.map(code_digits);
-    if !needs_strip(text, code) {
-        return text;
-    }
     let mut out = 0;
     let mut i = 0;
     let cap = buf.len();

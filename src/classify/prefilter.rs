@@ -15,8 +15,9 @@
 //! open-addressing tables. Its passes over a chunk of text decide without branches
 //! until an offset is known to be worth a table lookup: which offsets pass depends on the
 //! text alone, and a mispredicted branch at each of them cost more than the lookups. An
-//! Aho-Corasick automaton over the same ~1800 case-folded literals measured 4-8 ns/byte here (DFA: megabytes of transitions; contiguous NFA:
-//! failure chains), several times the whole per-reply budget.
+//! Aho-Corasick automaton over the same ~1800 case-folded literals measured 4-8 ns/byte
+//! here (DFA: megabytes of transitions; contiguous NFA: failure chains), several times the
+//! whole per-reply budget.
 
 use super::rules::{MAX_RULES, MAX_TOKENS};
 use regex_syntax::hir::literal::{ExtractKind, Extractor};
